@@ -1,0 +1,598 @@
+"""Training utilities: distributed setup, rank helpers, metric logging, AMP, checkpoints and RNG state.
+
+Checkpoints hold only tensors and plain Python values, so ``torch.load(weights_only=True)`` (torch's default since
+2.6) reads them; they are written atomically (``*.tmp``, fsync, rename, fsync of the directory).
+"""
+
+import builtins
+import datetime
+import glob
+import os
+import random
+import re
+import shutil
+import time
+from collections import defaultdict, deque
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# --------------------------------------------------------------------------------------------------------------
+# distributed
+
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def save_on_master(*args, **kwargs):
+    """``torch.save`` on rank 0 only."""
+    if is_main_process():
+        torch.save(*args, **kwargs)
+
+
+def reduction_device() -> torch.device:
+    """Device for collective tensors: the current CUDA device with NCCL, else the CPU (gloo)."""
+    if is_dist_avail_and_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_mean(x: float) -> float:
+    """Mean of a Python number over all processes (the number itself when not distributed)."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return x
+    t = torch.tensor(x, dtype=torch.float64, device=reduction_device())
+    dist.all_reduce(t)
+    return t.item() / world_size
+
+
+def setup_for_distributed(is_master: bool):
+    """Silence ``print`` on every process but the master; ``print(..., force=True)`` still prints (timestamped)."""
+    builtin_print = builtins.print
+
+    def print(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            if force and not is_master:
+                builtin_print(f"[{datetime.datetime.now().time()}] ", end="")
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print
+
+
+def _init_slurm_env(args):
+    """Rank, world size and local rank of a multi-task Slurm job; exports MASTER_ADDR/PORT for ``env://``.
+
+    Uses ``submitit.helpers.TorchDistributedEnvironment`` (it also works under plain ``srun``); without submitit
+    the rendezvous must come from ``--dist_url`` or MASTER_ADDR/MASTER_PORT.
+    """
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        env = TorchDistributedEnvironment()
+        if args.dist_url == "env://":
+            env.export(set_cuda_visible_devices=False, overwrite=True)
+        return env.rank, env.world_size, env.local_rank
+    except ImportError:
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ["SLURM_LOCALID"])
+
+
+def init_distributed_mode(args):
+    """Set ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.gpu`` and join the process group.
+
+    Launchers, in order: ``--dist_on_itp`` (OpenMPI env), torchrun (RANK/WORLD_SIZE/LOCAL_RANK, ``env://``),
+    a Slurm job with more than one task (SLURM_PROCID/SLURM_NTASKS, e.g. submitted by submitit), else a single
+    process. Backend: NCCL when training on CUDA, else gloo. The CUDA device is picked from the local rank.
+    """
+    if getattr(args, "dist_on_itp", False):
+        args.rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+        args.world_size = int(os.environ["OMPI_COMM_WORLD_SIZE"])
+        args.gpu = int(os.environ["OMPI_COMM_WORLD_LOCAL_RANK"])
+        args.dist_url = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        os.environ.update(LOCAL_RANK=str(args.gpu), RANK=str(args.rank), WORLD_SIZE=str(args.world_size))
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+        args.rank, args.world_size, args.gpu = _init_slurm_env(args)
+    else:
+        print("Not using distributed mode")
+        args.distributed = False
+        args.rank, args.world_size, args.gpu = 0, 1, 0
+        setup_for_distributed(True)
+        return
+
+    args.distributed = True
+    use_cuda = str(args.device).startswith("cuda") and torch.cuda.is_available()
+    if use_cuda:
+        args.gpu = args.gpu % torch.cuda.device_count()
+        torch.cuda.set_device(args.gpu)
+    args.dist_backend = "nccl" if use_cuda else "gloo"
+    print(f"| distributed init (rank {args.rank}/{args.world_size}): {args.dist_url}, backend {args.dist_backend}", flush=True)
+    dist.init_process_group(
+        backend=args.dist_backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank
+    )
+    dist.barrier(device_ids=[args.gpu] if use_cuda else None)
+    setup_for_distributed(args.rank == 0)
+
+
+def cleanup_distributed():
+    """Leave the process group (if any) so the process exits cleanly."""
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# metric logging
+
+
+class SmoothedValue:
+    """Tracks a series of values: windowed median/mean plus the global (weighted) average."""
+
+    def __init__(self, window_size: int = 20, fmt: str | None = None):
+        self.deque: deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or "{median:.4f} ({global_avg:.4f})"
+
+    def update(self, value: float, n: int = 1):
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self):
+        """Sum ``count`` and ``total`` over processes (the window stays local)."""
+        if not is_dist_avail_and_initialized():
+            return
+        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=reduction_device())
+        dist.barrier()
+        dist.all_reduce(t)
+        self.count = int(t[0].item())
+        self.total = t[1].item()
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.deque)) if self.deque else 0.0
+
+    @property
+    def avg(self) -> float:
+        return float(np.mean(self.deque)) if self.deque else 0.0
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    @property
+    def max(self) -> float:
+        return max(self.deque) if self.deque else 0.0
+
+    @property
+    def value(self) -> float:
+        return self.deque[-1] if self.deque else 0.0
+
+    def __str__(self):
+        return self.fmt.format(
+            median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max, value=self.value
+        )
+
+
+def is_log_step(step: int, num_steps: int, print_freq: int) -> bool:
+    """Whether ``MetricLogger.log_every`` prints after ``step`` (every ``print_freq`` steps and the last one)."""
+    return step % print_freq == 0 or step == num_steps - 1
+
+
+class MetricLogger:
+    """A set of named ``SmoothedValue`` meters and a progress printer with ETA."""
+
+    def __init__(self, delimiter: str = "  "):
+        self.meters: dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs):
+        """``name=value`` or ``name=(value, n)``; tensors are converted with ``.item()`` (a host sync)."""
+        for name, value in kwargs.items():
+            n = 1
+            if isinstance(value, tuple):
+                value, n = value
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            self.meters[name].update(float(value), n)
+
+    def add_meter(self, name: str, meter: SmoothedValue):
+        self.meters[name] = meter
+
+    def __getattr__(self, name):
+        meters = self.__dict__.get("meters", {})
+        if name in meters:
+            return meters[name]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def __str__(self):
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self):
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def log_every(self, iterable, print_freq: int, header: str = ""):
+        """Yield from ``iterable``; after steps where ``is_log_step`` holds, print meters, ETA and timings.
+
+        Timings are host wall-clock times without device synchronisation.
+        """
+        num_steps = len(iterable)
+        width = len(str(num_steps))
+        iter_time = SmoothedValue(fmt="{avg:.4f}")
+        data_time = SmoothedValue(fmt="{avg:.4f}")
+        start = end = time.time()
+        for step, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if is_log_step(step, num_steps, print_freq):
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (num_steps - step - 1)))
+                parts = [f"{header} [{step:>{width}}/{num_steps}]", f"eta: {eta}", str(self)]
+                parts += [f"time: {iter_time}", f"data: {data_time}"]
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
+                print(self.delimiter.join(p for p in parts if p))
+            end = time.time()
+        total = time.time() - start
+        per_step = total / max(num_steps, 1)
+        print(f"{header} Total time: {datetime.timedelta(seconds=int(total))} ({per_step:.4f} s / it)")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the epoch and step."""
+
+
+class LossTracker:
+    """Accumulates per-step losses on the device without host synchronisation.
+
+    ``update`` adds the loss to a running sum and records the first step whose loss is not finite, all as
+    device-side tensor ops. ``flush`` (called at logging steps, the last step of an epoch included) reads them
+    back with one transfer, reduces them over processes and raises ``NonFiniteLossError`` naming the epoch and
+    the first bad step. Training is therefore stopped at the next logging step after a NaN/inf appears; the
+    parameters may be corrupted by then, but no checkpoint is written after it, so ``checkpoint-last.pth`` holds
+    the last good state.
+    """
+
+    def __init__(self, device: torch.device, epoch: int):
+        self.epoch = epoch
+        self.device = device
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.count = 0
+
+    def update(self, loss: torch.Tensor, step: int):
+        loss = loss.detach().to(torch.float64)
+        finite = torch.isfinite(loss)
+        self.loss_sum += torch.where(finite, loss, 0.0)
+        self.first_bad = torch.where((self.first_bad < 0) & ~finite, step, self.first_bad)
+        self.count += 1
+
+    def flush(self) -> tuple[float, int]:
+        """Return (mean loss since the last flush over all processes, number of steps) and reset."""
+        never = torch.iinfo(torch.int64).max
+        bad = torch.where(self.first_bad < 0, never, self.first_bad)
+        stats = torch.stack([self.loss_sum, torch.tensor(float(self.count), dtype=torch.float64, device=self.device)])
+        if is_dist_avail_and_initialized():
+            stats, bad = stats.to(reduction_device()), bad.to(reduction_device())
+            dist.all_reduce(stats)
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+        bad_step = int(bad.item())
+        if bad_step != never:
+            raise NonFiniteLossError(
+                f"Loss is not finite at epoch {self.epoch}, step {bad_step}; stopping training. "
+                "The last checkpoint written before this epoch is left as it was."
+            )
+        loss_sum, count = stats.tolist()
+        n = self.count
+        self.loss_sum.zero_()
+        self.count = 0
+        return loss_sum / count, n
+
+
+# --------------------------------------------------------------------------------------------------------------
+# AMP
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def resolve_amp(amp: str | None, device: torch.device) -> str:
+    """``--amp`` default: bf16 on CUDA when supported, else fp16 on CUDA; 'none' on the CPU."""
+    if amp is not None:
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"--amp must be one of {sorted(AMP_DTYPES)}, got '{amp}'")
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "none"
+
+
+def autocast(device: torch.device, amp: str):
+    """Autocast context for ``amp`` ('bf16' | 'fp16' | 'none') on ``device``."""
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class NativeScaler:
+    """Backward + optional gradient clipping + optimizer step, with a ``torch.amp.GradScaler`` for fp16.
+
+    Returns the total gradient norm (a device tensor, before clipping) on update steps, None on accumulation
+    steps. The scaler is a no-op for bf16 and fp32.
+    """
+
+    state_dict_key = "scaler"
+
+    def __init__(self, device: torch.device, amp: str):
+        self._scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+    def __call__(self, loss, optimizer, clip_grad=None, parameters=None, create_graph=False, update_grad=True):
+        self._scaler.scale(loss).backward(create_graph=create_graph)
+        if not update_grad:
+            return None
+        self._scaler.unscale_(optimizer)
+        params = [p for p in parameters if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if clip_grad is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, clip_grad, norm)
+        self._scaler.step(optimizer)
+        self._scaler.update()
+        return norm
+
+    @property
+    def enabled(self) -> bool:
+        return self._scaler.is_enabled()
+
+    def state_dict(self):
+        return self._scaler.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self._scaler.load_state_dict(state_dict)
+
+
+def maybe_no_sync(model, skip_sync: bool):
+    """DDP's ``no_sync()`` on gradient-accumulation steps; a null context otherwise or without DDP."""
+    if skip_sync and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return nullcontext()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# seeding and RNG state
+
+
+def seed_everything(seed: int):
+    """Seed torch (CPU and CUDA), numpy and Python's ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A well-mixed 63-bit seed derived from (seed, epoch, rank) alone, e.g. for a DataLoader generator."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def get_rng_state() -> dict:
+    """This process's RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": gauss_next},
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+    }
+    return state
+
+
+def set_rng_state(state: dict):
+    """Restore the states saved by ``get_rng_state``."""
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    py_state = state["python"]
+    random.setstate((py_state["version"], tuple(py_state["state"].tolist()), py_state["gauss_next"]))
+    cuda_state = state.get("cuda")
+    if cuda_state is not None and torch.cuda.is_available() and len(cuda_state) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_state)
+
+
+def gather_rng_states() -> list[dict]:
+    """Every process's RNG state, indexed by rank (collective call when distributed)."""
+    state = get_rng_state()
+    if not is_dist_avail_and_initialized():
+        return [state]
+    states = [None] * get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+# --------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _plain(value):
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
+
+
+def args_to_dict(args) -> dict:
+    """``vars(args)`` with every value made a plain Python value (unknown types become ``str``)."""
+    return {k: _plain(v) for k, v in vars(args).items()}
+
+
+def _fsync_dir(path: str):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj, path: str):
+    """``torch.save`` to ``path + '.tmp'``, flush and fsync, rename over ``path``, fsync the directory."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _atomic_link_or_copy(src: str, dst: str):
+    """Make ``dst`` a hard link to ``src`` (a copy where links are unsupported), atomically."""
+    tmp = dst + ".tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+
+
+def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, extra: dict | None = None, tag=None):
+    """Write a checkpoint of ``epoch`` (0-based) into ``args.output_dir``; call on every process.
+
+    Without ``tag``: ``checkpoint-last.pth`` always, and ``checkpoint-{epoch}.pth`` too every ``args.save_every``
+    epochs and at the final epoch (a hard link to the same file). With ``tag`` (e.g. 'best'):
+    ``checkpoint-{tag}.pth`` only. ``extra`` entries are added to the dict (plain values/tensors only).
+    Returns the path written (rank 0) or None.
+    """
+    rng = gather_rng_states()
+    if not is_main_process() or not args.output_dir:
+        return None
+    checkpoint = {
+        "model": model_without_ddp.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": loss_scaler.state_dict() if loss_scaler is not None else None,
+        "epoch": epoch,
+        "args": args_to_dict(args),
+        "rng": rng,
+        **(extra or {}),
+    }
+    os.makedirs(args.output_dir, exist_ok=True)
+    if tag is not None:
+        path = os.path.join(args.output_dir, f"checkpoint-{tag}.pth")
+        atomic_save(checkpoint, path)
+        return path
+    path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    atomic_save(checkpoint, path)
+    save_every = getattr(args, "save_every", 0) or 0
+    if (save_every > 0 and (epoch + 1) % save_every == 0) or epoch + 1 == args.epochs:
+        _atomic_link_or_copy(path, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+    return path
+
+
+def load_checkpoint(path: str, unsafe: bool = False) -> dict:
+    """Load a checkpoint onto the CPU; ``weights_only=True`` unless ``unsafe`` (full unpickling, trusted files)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not unsafe)
+    except Exception as err:
+        if unsafe or "weights_only" not in str(err):
+            raise
+        raise RuntimeError(
+            f"{path} holds objects other than tensors and plain values; if you trust the file, pass --unsafe_load"
+        ) from err
+
+
+def find_latest_checkpoint(output_dir: str) -> str | None:
+    """``checkpoint-last.pth`` in ``output_dir`` if present, else the highest-numbered ``checkpoint-N.pth``."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return None
+    last = os.path.join(output_dir, "checkpoint-last.pth")
+    if os.path.isfile(last):
+        return last
+    numbered = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+        match = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
+        if match:
+            numbered.append((int(match.group(1)), path))
+    return max(numbered)[1] if numbered else None
+
+
+def load_model(args, model_without_ddp, optimizer=None, loss_scaler=None) -> dict | None:
+    """Resume from ``args.resume`` (or, with ``args.auto_resume``, the newest checkpoint in ``args.output_dir``).
+
+    Restores the model and, unless ``args.eval``, the optimizer, scaler, ``args.start_epoch`` (= saved epoch + 1)
+    and this process's RNG states, so call it after everything that draws random numbers at start-up.
+    Returns the checkpoint dict (None when there is nothing to resume).
+    """
+    if not getattr(args, "resume", "") and getattr(args, "auto_resume", False):
+        args.resume = find_latest_checkpoint(args.output_dir) or ""
+        if args.resume:
+            print(f"Auto-resuming from {args.resume}")
+    if not getattr(args, "resume", ""):
+        return None
+    checkpoint = load_checkpoint(args.resume, unsafe=getattr(args, "unsafe_load", False))
+    model_without_ddp.load_state_dict(checkpoint["model"])
+    print(f"Resume checkpoint {args.resume}")
+    if getattr(args, "eval", False) or checkpoint.get("optimizer") is None or "epoch" not in checkpoint:
+        return checkpoint
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if loss_scaler is not None and checkpoint.get("scaler") is not None:
+        loss_scaler.load_state_dict(checkpoint["scaler"])
+    args.start_epoch = checkpoint["epoch"] + 1
+    rng = checkpoint.get("rng")
+    rank = get_rank()
+    if rng is not None and len(rng) == get_world_size():
+        set_rng_state(rng[rank])
+    else:
+        print("Checkpoint RNG states do not match this world size; reseeding from (seed, epoch, rank)")
+        seed_everything(epoch_seed(args.seed, args.start_epoch, rank))
+    print(f"With optimizer and scaler; continuing at epoch {args.start_epoch}")
+    return checkpoint
