@@ -105,10 +105,12 @@ class ChannelMaskedAutoencoderViT(MaskedAutoencoderViT):
 
     def decoder_position(self, channel_ids, num_tokens):
         """(N, 1 + C*L, Dd): the class-token row, then position + channel embedding for each token."""
-        L = self.num_patches
-        C = num_tokens // L
-        N = 1 if channel_ids is None else len(channel_ids)
-        channel_ids = expand_channel_ids(channel_ids, N, C, self.mask_token.device)
+        C = num_tokens // self.num_patches
+        if channel_ids is None:
+            channel_ids = torch.arange(C, device=self.mask_token.device)
+        channel_ids = torch.as_tensor(channel_ids, device=self.mask_token.device)
+        N = len(channel_ids) if channel_ids.dim() == 2 else 1
+        channel_ids = expand_channel_ids(channel_ids.reshape(N, -1), N, C, self.mask_token.device)
         patch = self.decoder_pos_embed[:, None, 1:] + self.decoder_channel_embed[channel_ids].unsqueeze(2)
         return torch.cat([self.decoder_pos_embed[:, :1].expand(N, -1, -1), patch.flatten(1, 2)], dim=1)
 

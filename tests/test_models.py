@@ -267,7 +267,7 @@ def test_cross_decoder_decodes_requested_fraction():
     assert torch.equal(decoded.sum(dim=1), torch.full((2,), float(int(36 * 0.25))))
     assert torch.all(mask[decoded == 1] == 1), "only masked tokens are decoded"
     assert torch.all(pred[decoded == 0] == 0)
-    _, decoded_all = model.forward_decoder(latent, ids_restore, None, 1.0)
+    _, decoded_all = model.forward_decoder(latent, ids_restore, torch.tensor([0, 1, 2]), 1.0)
     assert torch.equal(decoded_all, mask)
 
 
