@@ -1,0 +1,377 @@
+"""Data layer: readers, layouts, channel selection, statistics, normalisation, transforms, errors, sample data."""
+
+import json
+import logging
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from util import datasets
+from util.datasets import (
+    CorruptFileError,
+    DatasetError,
+    MissingPathError,
+    build_dataset,
+    build_pretrain_dataset,
+    build_transform,
+    compute_channel_stats,
+    read_header,
+    read_image,
+    write_channel_stats,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_data"
+
+
+def stack(c=4, h=12, w=10, seed=0, high=65535):
+    """(C, H, W) uint16 with values well above 255."""
+    return np.random.default_rng(seed).integers(0, high, (c, h, w), dtype=np.uint16)
+
+
+def args(data_path, **kwargs):
+    return Namespace(data_path=str(data_path), input_size=16, **kwargs)
+
+
+def tiff_folder(root, n=6, c=4, h=12, w=10):
+    """root/sNN.tif files of (C, H, W) uint16, one page per channel; returns the arrays."""
+    root.mkdir(parents=True, exist_ok=True)
+    arrays = [stack(c, h, w, seed=i) for i in range(n)]
+    for i, a in enumerate(arrays):
+        tifffile.imwrite(root / f"s{i:02d}.tif", a, photometric="minisblack")
+    return arrays
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+@pytest.mark.parametrize("layout", ["hw", "chw", "hwc", "rgb_planar", "rgb_contig"])
+def test_tiff_16bit_layouts_round_trip(tmp_path, layout):
+    a = stack(3 if layout.startswith("rgb") else 5, 20, 24)
+    stored = a[0] if layout == "hw" else a.transpose(1, 2, 0) if layout in ("hwc", "rgb_contig") else a
+    kwargs = {"photometric": "rgb", "planarconfig": "separate"} if layout == "rgb_planar" else {}
+    kwargs = {"photometric": "rgb"} if layout == "rgb_contig" else kwargs
+    tifffile.imwrite(tmp_path / "x.tif", stored, **kwargs)
+    expected = a[:1] if layout == "hw" else a
+    img = read_image(tmp_path / "x.tif")
+    assert img.dtype == np.float32 and img.max() > 255
+    np.testing.assert_array_equal(img, expected)
+    assert read_header(tmp_path / "x.tif").shape == expected.shape
+
+
+def test_npy_and_layout_rule(tmp_path):
+    a = np.random.default_rng(0).normal(size=(3, 9, 11)).astype(np.float32)
+    np.save(tmp_path / "chw.npy", a)
+    np.save(tmp_path / "hwc.npy", a.transpose(1, 2, 0))
+    np.save(tmp_path / "squeezed.npy", a[None, None])
+    for name in ("chw", "hwc", "squeezed"):
+        np.testing.assert_array_equal(read_image(tmp_path / f"{name}.npy"), a)
+        assert read_header(tmp_path / f"{name}.npy").shape == (3, 9, 11)
+    np.save(tmp_path / "ambiguous.npy", np.zeros((100, 3, 100), np.float32))
+    with pytest.raises(DatasetError, match="ambiguous.npy.*channel axis"):
+        read_image(tmp_path / "ambiguous.npy")
+
+
+def test_png_gray_rgb_and_16bit(tmp_path):
+    gray = np.arange(24 * 16, dtype=np.uint8).reshape(24, 16)
+    rgb = np.random.default_rng(0).integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    gray16 = (np.arange(24 * 16, dtype=np.uint16) * 150).reshape(24, 16)
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(gray16).save(tmp_path / "gray16.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "gray.png"), gray[None])
+    np.testing.assert_array_equal(read_image(tmp_path / "rgb.png"), rgb.transpose(2, 0, 1))
+    np.testing.assert_array_equal(read_image(tmp_path / "gray16.png"), gray16[None])
+    assert read_image(tmp_path / "gray16.png").max() > 255
+    assert read_header(tmp_path / "rgb.png") == datasets.Header((3, 10, 12), np.dtype("uint8"))
+    assert read_header(tmp_path / "gray16.png").dtype == np.uint16
+
+
+def test_png_16bit_colour_keeps_range(tmp_path):
+    imagecodecs = pytest.importorskip("imagecodecs")
+    rgb16 = stack(3, 8, 9).transpose(1, 2, 0).copy()
+    (tmp_path / "rgb16.png").write_bytes(imagecodecs.png_encode(rgb16))
+    np.testing.assert_array_equal(read_image(tmp_path / "rgb16.png"), rgb16.transpose(2, 0, 1))
+    assert read_header(tmp_path / "rgb16.png") == datasets.Header((3, 8, 9), np.dtype("uint16"))
+
+
+def test_jpeg(tmp_path):
+    Image.fromarray(np.full((16, 20, 3), 128, np.uint8)).save(tmp_path / "x.jpg")
+    img = read_image(tmp_path / "x.jpg")
+    assert img.shape == (3, 16, 20) and abs(float(img.mean()) - 128) < 2
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+
+
+def test_per_channel_csv_and_channel_selection(tmp_path):
+    arrays = [stack(3, 12, 10, seed=i) for i in range(4)]
+    lines = ["dna,rna,actin,label"]
+    for i, a in enumerate(arrays):
+        (tmp_path / "plate").mkdir(exist_ok=True)
+        for c, name in enumerate(("dna", "rna", "actin")):
+            tifffile.imwrite(tmp_path / "plate" / f"w{i}_{name}.tif", a[c])
+        lines.append(f"plate/w{i}_dna.tif,plate/w{i}_rna.tif,plate/w{i}_actin.tif,{['a', 'b'][i % 2]}")
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "val.csv").write_text("\n".join(lines[:3]) + "\n")
+    ds = build_dataset(True, args(tmp_path, mean=[0] * 3, std=[1] * 3))
+    assert (ds.in_chans, ds.channel_ids, ds.classes, ds.nb_classes) == (3, [0, 1, 2], ["a", "b"], 2)
+    assert ds.channel_names == ["dna", "rna", "actin"] and [label for _, label in ds.samples] == [0, 1, 0, 1]
+    np.testing.assert_array_equal(ds.load_raw(2), arrays[2])
+    picked = build_dataset(False, args(tmp_path, channels="2,0", mean=[0] * 3, std=[1] * 3))
+    assert (picked.in_chans, picked.channel_ids, len(picked)) == (2, [2, 0], 2)
+    np.testing.assert_array_equal(picked.load_raw(1), arrays[1][[2, 0]])
+    img, label = picked[1]
+    assert img.shape == (2, 16, 16) and label == 1
+
+
+def test_channel_selection_on_multichannel_files(tmp_path):
+    arrays = tiff_folder(tmp_path / "data", c=5)
+    ds = build_pretrain_dataset(args(tmp_path / "data", channels=[4, 1], mean=[0] * 5, std=[1] * 5))
+    assert ds.channel_ids == [4, 1] and ds.in_chans == 2 and ds.num_channels == 5
+    np.testing.assert_array_equal(ds.load_raw(3), arrays[3][[4, 1]])
+    img, label = ds[3]
+    assert img.shape == (2, 16, 16) and img.dtype == torch.float32 and label == -1
+
+
+def test_class_folders_and_pretrain_uses_train(tmp_path):
+    for split, n in (("train", 3), ("val", 2)):
+        for cls in ("cat", "dog"):
+            tiff_folder(tmp_path / split / cls, n=n)
+    train = build_dataset(True, args(tmp_path))
+    val = build_dataset(False, args(tmp_path))
+    assert (len(train), len(val), train.classes, val.classes) == (6, 4, ["cat", "dog"], ["cat", "dog"])
+    assert sorted({label for _, label in val.samples}) == [0, 1]
+    pretrain = build_pretrain_dataset(args(tmp_path))
+    assert len(pretrain) == 6 and pretrain.classes == [] and pretrain[0][1] == -1
+
+
+def test_csv_path_column_relative_paths(tmp_path):
+    arrays = tiff_folder(tmp_path / "tiles", n=3)
+    (tmp_path / "index.csv").write_text("path,label\n" + "".join(f"tiles/s{i:02d}.tif,{i}\n" for i in range(3)))
+    ds = build_pretrain_dataset(args(tmp_path / "index.csv"))
+    assert len(ds) == 3 and all(label == -1 for _, label in ds.samples)
+    np.testing.assert_array_equal(ds.load_raw(1), arrays[1])
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+def concat_pixels(arrays):
+    return np.concatenate([a.reshape(a.shape[0], -1) for a in arrays], axis=1).astype(np.float64)
+
+
+def test_stats_uint16_exact(tmp_path):
+    arrays = tiff_folder(tmp_path, n=5, c=3, h=17, w=13)
+    stats = write_channel_stats(tmp_path)
+    pixels = concat_pixels(arrays)
+    np.testing.assert_allclose(stats["mean"], pixels.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(stats["std"], pixels.std(1), rtol=1e-6)
+    np.testing.assert_allclose(stats["p1"], np.percentile(pixels, 1, axis=1), rtol=1e-9)
+    np.testing.assert_allclose(stats["p99"], np.percentile(pixels, 99, axis=1), rtol=1e-9)
+    assert stats["num_samples"] == 5 and "exact" in stats["percentile_method"]
+    assert json.loads((tmp_path / "channel_stats.json").read_text())["mean"] == stats["mean"]
+
+
+def test_stats_float_subsample(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    arrays = [rng.normal(100 + 10 * c, 5, (2, 40, 40)).astype(np.float32) for c in range(8)]
+    for i, a in enumerate(arrays):
+        np.save(tmp_path / f"s{i}.npy", a)
+    pixels = concat_pixels(arrays)
+    exact = write_channel_stats(tmp_path)
+    np.testing.assert_allclose(exact["p99"], np.percentile(pixels, 99, axis=1), rtol=1e-6)
+    monkeypatch.setattr(datasets, "PERCENTILE_SAMPLE_SIZE", 4000)
+    sampled = write_channel_stats(tmp_path)
+    np.testing.assert_allclose(sampled["mean"], pixels.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(sampled["std"], pixels.std(1), rtol=1e-6)
+    for q in (1, 99):
+        level = (pixels < np.array(sampled[f"p{q}"])[:, None]).mean(1) * 100
+        np.testing.assert_allclose(level, q, atol=1.0)
+
+
+def test_stats_cli(tmp_path):
+    tiff_folder(tmp_path / "data" / "train", n=3, c=2)
+    out = tmp_path / "stats.json"
+    cmd = [sys.executable, "-m", "util.datasets", "stats", "--data_path", str(tmp_path / "data"), "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    assert len(json.loads(out.read_text())["std"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- normalisation
+
+
+def normalize_of(ds):
+    return ds.transform.transforms[-1]
+
+
+def test_normalisation_policy(tmp_path, caplog):
+    tiff_folder(tmp_path, n=4, c=3)
+    with caplog.at_level(logging.WARNING, logger="util.datasets"):
+        estimated = build_pretrain_dataset(args(tmp_path))
+    assert "estimated from 4 of 4" in caplog.text
+    exact = compute_channel_stats(build_pretrain_dataset(args(tmp_path, mean=[0] * 3, std=[1] * 3)), percentiles=False)
+    np.testing.assert_allclose(normalize_of(estimated).mean, exact["mean"], rtol=1e-6)
+    (tmp_path / "channel_stats.json").write_text(json.dumps({"mean": [1, 2, 3], "std": [4, 5, 6]}))
+    from_file = build_pretrain_dataset(args(tmp_path, channels="2,0"))
+    assert normalize_of(from_file).mean == [3, 1] and normalize_of(from_file).std == [6, 4]
+    flags = build_pretrain_dataset(args(tmp_path, mean="7,8,9", std="1,1,1"))
+    assert normalize_of(flags).mean == [7, 8, 9]
+
+
+def test_imagenet_default_and_timm_rgb_path(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(
+                    tmp_path / split / cls / f"{i}.png"
+                )
+    rgb_args = args(tmp_path, aa="rand-m9-mstd0.5-inc1", color_jitter=None, reprob=0.25, remode="pixel", recount=1)
+    train = build_dataset(True, rgb_args)
+    assert "RandAugment" in repr(train.transform) and "RandomErasing" in repr(train.transform)
+    img, _ = train[0]
+    assert img.shape == (3, 16, 16) and img.dtype == torch.float32
+    val = build_dataset(False, rgb_args)
+    np.testing.assert_allclose(normalize_of(val).mean, [0.485 * 255, 0.456 * 255, 0.406 * 255])
+    assert val[0][0].shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("channels", [1, 5, 8])
+@pytest.mark.parametrize("mode", ["pretrain", "train", "eval"])
+def test_transforms_any_channel_count(channels, mode):
+    a = Namespace(input_size=24, mean=[10.0] * channels, std=[2.0] * channels)
+    transform = build_transform(mode != "eval", a, pretrain=mode == "pretrain")
+    out = transform(torch.rand(channels, 40, 30) * 1000)
+    assert out.shape == (channels, 24, 24) and out.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_missing_and_empty_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--data_path .*nowhere"):
+        build_pretrain_dataset(args(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="empty.*no readable image files"):
+        build_pretrain_dataset(args(tmp_path / "empty"))
+    with pytest.raises(MissingPathError, match="val"):
+        tiff_folder(tmp_path / "only_train" / "train" / "a", n=1)
+        build_dataset(False, args(tmp_path / "only_train"))
+
+
+def test_csv_row_with_missing_file(tmp_path):
+    tiff_folder(tmp_path, n=1)
+    (tmp_path / "train.csv").write_text("path,label\ns00.tif,0\ngone.tif,1\n")
+    with pytest.raises(MissingPathError, match=r"train.csv line 3: column 'path' names .*gone.tif"):
+        build_dataset(True, args(tmp_path))
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".png", ".npy"])
+def test_corrupt_and_truncated_files_named(tmp_path, suffix):
+    tiff_folder(tmp_path, n=2, c=1)
+    bad = tmp_path / f"bad{suffix}"
+    bad.write_bytes(b"this is not an image at all")
+    with pytest.raises(CorruptFileError, match=f"bad\\{suffix}"):
+        build_pretrain_dataset(args(tmp_path))
+    if suffix == ".tif":
+        tifffile.imwrite(bad, stack(1, 12, 10)[0])
+    elif suffix == ".png":
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 10), dtype=np.uint8)).save(bad)
+    else:
+        np.save(bad, stack(1, 12, 10))
+    truncate(bad)
+    with pytest.raises(CorruptFileError, match=f"bad\\{suffix} is truncated"):
+        build_pretrain_dataset(args(tmp_path))
+
+
+def test_mismatched_channels_size_and_in_chans(tmp_path):
+    tiff_folder(tmp_path / "c", n=2, c=4)
+    tifffile.imwrite(tmp_path / "c" / "z_odd.tif", stack(3), photometric="minisblack")
+    with pytest.raises(DatasetError, match="z_odd.tif has 3 channels"):
+        build_pretrain_dataset(args(tmp_path / "c"))
+    tiff_folder(tmp_path / "s", n=2, c=4)
+    tifffile.imwrite(tmp_path / "s" / "z_big.tif", stack(4, 30, 30), photometric="minisblack")
+    with pytest.raises(DatasetError, match="z_big.tif is 30x30.*--allow_mixed_sizes"):
+        build_pretrain_dataset(args(tmp_path / "s"))
+    assert len(build_pretrain_dataset(args(tmp_path / "s", allow_mixed_sizes=True))) == 3
+    with pytest.raises(DatasetError, match="--in_chans 3"):
+        build_pretrain_dataset(args(tmp_path / "s", in_chans=3, allow_mixed_sizes=True))
+    with pytest.raises(DatasetError, match="--channels"):
+        build_pretrain_dataset(args(tmp_path / "s", channels="0,9", allow_mixed_sizes=True))
+
+
+def test_bad_mean_std_flags(tmp_path):
+    tiff_folder(tmp_path, n=2, c=4)
+    with pytest.raises(DatasetError, match="--mean has 2 values"):
+        build_pretrain_dataset(args(tmp_path, mean=[1, 2], std=[1, 2]))
+    with pytest.raises(DatasetError, match="--std has 3 values"):
+        build_pretrain_dataset(args(tmp_path, mean=[1] * 4, std=[1] * 3))
+    with pytest.raises(DatasetError, match="--mean and --std"):
+        build_pretrain_dataset(args(tmp_path, mean=[1] * 4))
+    with pytest.raises(MissingPathError, match="--channel_stats"):
+        build_pretrain_dataset(args(tmp_path, channel_stats=str(tmp_path / "none.json")))
+
+
+def test_per_channel_csv_rejects_multichannel_file(tmp_path):
+    tifffile.imwrite(tmp_path / "a.tif", stack(2))
+    tifffile.imwrite(tmp_path / "b.tif", stack(1)[0])
+    (tmp_path / "index.csv").write_text("ch0,ch1\na.tif,b.tif\n")
+    with pytest.raises(DatasetError, match="a.tif has 2 channels"):
+        build_pretrain_dataset(args(tmp_path / "index.csv"))
+
+
+def test_skip_bad_samples(tmp_path):
+    tiff_folder(tmp_path, n=3, c=2)
+    strict = build_pretrain_dataset(args(tmp_path, mean=[0, 0], std=[1, 1]))
+    lenient = build_pretrain_dataset(args(tmp_path, mean=[0, 0], std=[1, 1], skip_bad_samples=True))
+    (tmp_path / "s01.tif").write_bytes(b"broken after the dataset was built")
+    with pytest.raises(CorruptFileError, match="s01.tif"):
+        strict[1]
+    img, _ = lenient[1]
+    assert img.shape == (2, 16, 16) and lenient.num_skipped == 1
+    (tmp_path / "s99.tif").write_bytes(b"garbage")
+    with pytest.raises(CorruptFileError, match="s01.tif"):
+        build_pretrain_dataset(args(tmp_path))
+    kept = build_pretrain_dataset(args(tmp_path, skip_bad_samples=True))
+    assert [Path(p).name for p, _ in kept.samples] == ["s00.tif", "s02.tif"]
+
+
+# ---------------------------------------------------------------------------------------------- sample data
+
+
+def test_sample_ihc():
+    ds = build_pretrain_dataset(Namespace(data_path=str(SAMPLE / "ihc"), input_size=64))
+    assert (len(ds), ds.in_chans, ds.channel_names) == (100, 6, ["R", "G", "B", "H", "E", "DAB"])
+    assert ds.dtypes == {"uint16"}
+    raw = np.stack([ds.load_raw(i) for i in range(0, 100, 9)])
+    assert raw.shape[1:] == (6, 64, 64) and raw.max() > 255
+    assert (raw.reshape(raw.shape[0], 6, -1).std(axis=(0, 2)) > 0).all()
+    img, label = ds[0]
+    assert img.shape == (6, 64, 64) and label == -1 and float(img.std()) > 0.1
+
+
+def test_sample_digits():
+    a = Namespace(data_path=str(SAMPLE / "digits"), input_size=32)
+    train, val = build_dataset(True, a), build_dataset(False, a)
+    assert (len(train), len(val), train.nb_classes, train.in_chans) == (1437, 360, 10, 1)
+    assert train.classes == [str(d) for d in range(10)]
+    raw = val.load_raw(0)
+    assert raw.shape == (1, 32, 32) and raw.dtype == np.uint8 and raw.std() > 0
+    img, label = val[0]
+    assert img.shape == (1, 32, 32) and 0 <= label < 10
+    stats = json.loads((SAMPLE / "digits" / "channel_stats.json").read_text())
+    np.testing.assert_allclose(normalize_of(val).mean, stats["mean"])

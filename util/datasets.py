@@ -1,0 +1,907 @@
+"""Data layer for multi-channel images: readers, dataset layouts, per-channel normalisation, transforms.
+
+Readers
+    ``read_image(path)`` returns the raw pixel values as float32 (C, H, W); nothing is rescaled, so 16-bit
+    data keep their 0..65535 range. Suffixes: .tif/.tiff (tifffile, first series), .npy, .png/.jpg/.jpeg
+    (PIL; 16-bit colour PNGs, which PIL would cut to 8 bit, are decoded with imagecodecs).
+
+Layout rule for TIFF and NPY arrays
+    (H, W) -> (1, H, W). Leading size-1 axes of 4-D+ arrays are dropped. For a 3-D array the smaller of the
+    first and last axis is the channel axis (a tie goes to the first, i.e. (C, H, W)); it must be no larger
+    than the middle axis and small: <= 64, or at most a quarter of each other axis. Any other shape is
+    rejected as ambiguous.
+
+Dataset layouts (``--data_path``)
+    * class folders ``root/{train,val}/<class>/<image>``;
+    * a CSV index ``root/{train,val}.csv`` (for pretraining also any ``file.csv``) with either a ``path``
+      column (one file per sample) or one column per channel (one single-channel file per channel, as in
+      cell painting; every column other than ``label`` is a channel). ``label`` holds class names and may be
+      empty; relative paths resolve against the CSV's folder;
+    * unlabelled, pretraining only: every image under ``root/train`` if that folder exists, else under ``root``.
+    ``--channels 0,2,4`` keeps those channel ids, in that order, at read time (CSV: column order).
+
+Normalisation, per channel and in raw pixel units; the first that applies wins
+    1. ``--mean`` and ``--std`` (one value per channel in the files, or per selected channel);
+    2. ``--channel_stats FILE``;
+    3. ``channel_stats.json`` in the data root (the CSV's folder for a CSV path), written by
+       ``python -m util.datasets stats --data_path ROOT --out ROOT/channel_stats.json``;
+    4. ImageNet mean/std x 255 when 3 channels are used and every file is 8-bit;
+    5. otherwise mean/std estimated when the dataset is built from up to 256 evenly spaced training samples,
+       with a logged warning (the same samples on every call, so train, val and all ranks agree).
+
+Transforms (``build_transform``) act on float tensors of any C with torchvision.transforms.v2. One exception:
+fine-tune training on 3-channel 8-bit data uses timm's ``create_transform`` (RandAugment ``--aa``,
+``--color_jitter``, random erasing ``--reprob/--remode/--recount``) on a PIL image, so ImageNet recipes keep
+working.
+
+Validation: every file's header (shape and dtype, no pixel decoding, plus a truncation check for TIFF, PNG
+and NPY) is read when the dataset is built, so a missing, corrupt or mismatched file fails before training
+with a ``DatasetError`` naming the file, CSV line or flag. Samples must share their channel count and,
+unless ``--allow_mixed_sizes``, their height and width. With ``--skip_bad_samples`` corrupt files are dropped
+at build time and a file that fails to decode later is replaced by the next sample and counted in
+``dataset.num_skipped`` (per process: each DataLoader worker counts its own).
+"""
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+from PIL import Image
+from timm.data import create_transform
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision.transforms import v2
+
+logger = logging.getLogger(__name__)
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (*TIFF_SUFFIXES, ".npy", *PIL_SUFFIXES)
+STATS_FILENAME = "channel_stats.json"
+CHANNEL_NAMES_FILENAME = "channels.txt"
+MAX_CHANNELS = 64
+ESTIMATE_SAMPLES = 256
+PERCENTILE_SAMPLE_SIZE = 2**20
+HEADER_THREADS = 16
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # IHDR colour type -> decoded channels
+PIL_CONVERT = {"1": "L", "P": "RGB", "PA": "RGBA", "YCbCr": "RGB"}
+PIL_DTYPES = {"I;16": "uint16", "I;16L": "uint16", "I;16B": "uint16", "I;16N": "uint16", "I": "int32", "F": "float32"}
+
+
+class DatasetError(ValueError):
+    """A problem with the data or a data flag, raised while the dataset is built."""
+
+
+class MissingPathError(DatasetError, FileNotFoundError):
+    """A path named by a flag or a CSV row does not exist."""
+
+
+class CorruptFileError(DatasetError):
+    """A file cannot be decoded or is truncated."""
+
+
+@dataclass(frozen=True)
+class Header:
+    """Shape (C, H, W) and dtype of one file, read without decoding its pixels."""
+
+    shape: tuple
+    dtype: np.dtype
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def _suffix(path):
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise DatasetError(f"{path}: unsupported file type; expected one of {', '.join(IMAGE_SUFFIXES)}")
+    return suffix
+
+
+def _squeeze(shape, path):
+    shape = tuple(int(s) for s in shape)
+    while len(shape) > 3 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) not in (2, 3):
+        raise DatasetError(f"{path}: unsupported image shape {shape}; expected (H, W), (C, H, W) or (H, W, C)")
+    return shape
+
+
+def _channel_axis(shape, path):
+    """Channel axis (0 or 2) of a 3-D shape, by the layout rule in the module docstring."""
+    axis = 0 if shape[0] <= shape[2] else 2
+    others = [s for i, s in enumerate(shape) if i != axis]
+    if shape[axis] > shape[1] or (shape[axis] > MAX_CHANNELS and 4 * shape[axis] > min(others)):
+        raise DatasetError(f"{path}: cannot tell the channel axis of shape {shape}; store it as (C, H, W)")
+    return axis
+
+
+def _chw_shape(shape, path):
+    shape = _squeeze(shape, path)
+    if len(shape) == 2:
+        return (1, *shape)
+    return shape if _channel_axis(shape, path) == 0 else (shape[2], shape[0], shape[1])
+
+
+def _to_chw(arr, path):
+    """(H, W), (C, H, W) or (H, W, C) array -> (C, H, W) view."""
+    shape = _squeeze(arr.shape, path)
+    arr = arr.reshape(shape)
+    if arr.ndim == 2:
+        return arr[None]
+    return arr if _channel_axis(shape, path) == 0 else np.moveaxis(arr, 2, 0)
+
+
+def _png_ihdr(path):
+    """(height, width, bit depth, colour type) from a PNG's IHDR chunk."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or not head.startswith(PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        raise CorruptFileError(f"{path} is not a valid PNG file")
+    width, height = struct.unpack(">II", head[16:24])
+    return height, width, head[24], head[25]
+
+
+def _is_16bit_colour_png(path):
+    if Path(path).suffix.lower() != ".png":
+        return False
+    _, _, depth, colour = _png_ihdr(path)
+    return depth == 16 and colour != 0
+
+
+def _decode_png16(path):
+    """16-bit colour PNG -> (C, H, W) uint16 (PIL would reduce it to 8 bit)."""
+    try:
+        import imagecodecs
+    except ImportError as e:
+        raise DatasetError(f"{path} is a 16-bit colour PNG; install imagecodecs to read it") from e
+    return np.moveaxis(np.atleast_3d(imagecodecs.png_decode(Path(path).read_bytes())), 2, 0)
+
+
+def _read_pil(path):
+    if _is_16bit_colour_png(path):
+        return _decode_png16(path)
+    with Image.open(path) as im:
+        im = im.convert(PIL_CONVERT[im.mode]) if im.mode in PIL_CONVERT else im
+        arr = np.asarray(im)
+    return arr[None] if arr.ndim == 2 else np.moveaxis(arr, 2, 0)
+
+
+def read_array(path):
+    """Raw pixels of one file as a (C, H, W) array in the file's own dtype."""
+    suffix = _suffix(path)
+    try:
+        if suffix in TIFF_SUFFIXES:
+            return _to_chw(tifffile.imread(path), path)
+        if suffix == ".npy":
+            return _to_chw(np.load(path, allow_pickle=False), path)
+        return _read_pil(path)
+    except DatasetError:
+        raise
+    except Exception as e:
+        raise CorruptFileError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+
+
+def read_image(path):
+    """Raw pixel values of one file as float32 (C, H, W), not rescaled."""
+    return np.ascontiguousarray(read_array(path), dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- headers
+
+
+def _check_length(path, needed):
+    size = os.path.getsize(path)
+    if needed > size:
+        raise CorruptFileError(f"{path} is truncated: its pixel data need {needed} bytes, the file has {size}")
+
+
+def _tiff_header(path):
+    with tifffile.TiffFile(path) as tif:
+        if not tif.series:
+            raise CorruptFileError(f"{path} holds no image data")
+        series = tif.series[0]
+        pages = [page for page in series.pages if page is not None]
+        promised = tif.shaped_metadata[0].get("shape", series.shape) if tif.is_shaped else series.shape
+        if len(pages) * series.keyframe.size < math.prod(promised):
+            raise CorruptFileError(f"{path} is truncated: {len(pages)} image page(s) left of a {tuple(promised)} image")
+        ends = [int(o) + int(n) for page in pages for o, n in zip(page.dataoffsets, page.databytecounts)]
+        _check_length(path, max(ends, default=0))
+        return Header(_chw_shape(series.shape, path), np.dtype(series.dtype))
+
+
+def _npy_header(path):
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        offset = f.tell()
+    if dtype.hasobject:
+        raise CorruptFileError(f"{path} holds Python objects, not pixels")
+    _check_length(path, offset + math.prod(shape) * dtype.itemsize)
+    return Header(_chw_shape(shape, path), dtype)
+
+
+def _check_png_end(path):
+    with open(path, "rb") as f:
+        f.seek(-12, os.SEEK_END)
+        if f.read(12)[4:8] != b"IEND":
+            raise CorruptFileError(f"{path} is truncated: it does not end with a PNG IEND chunk")
+
+
+def _pil_header(path):
+    if Path(path).suffix.lower() == ".png":
+        height, width, depth, colour = _png_ihdr(path)
+        _check_png_end(path)
+        if depth == 16 and colour != 0:
+            return Header((PNG_CHANNELS[colour], height, width), np.dtype("uint16"))
+    with Image.open(path) as im:
+        mode = PIL_CONVERT.get(im.mode, im.mode)
+        width, height = im.size
+    return Header((Image.getmodebands(mode), height, width), np.dtype(PIL_DTYPES.get(mode, "uint8")))
+
+
+def read_header(path):
+    """Header (shape (C, H, W), dtype) of one file, without decoding pixels; checks truncation."""
+    suffix = _suffix(path)
+    if not os.path.isfile(path):
+        raise MissingPathError(f"{path} does not exist")
+    try:
+        if suffix in TIFF_SUFFIXES:
+            return _tiff_header(path)
+        if suffix == ".npy":
+            return _npy_header(path)
+        return _pil_header(path)
+    except DatasetError:
+        raise
+    except Exception as e:
+        raise CorruptFileError(f"cannot read the header of {path}: {type(e).__name__}: {e}") from e
+
+
+def _header_or_error(path):
+    try:
+        return read_header(path)
+    except CorruptFileError as e:
+        return e
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+
+
+def _scan(folder):
+    """Image files under folder, recursively and sorted; hidden entries are skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [
+            os.path.join(dirpath, name)
+            for name in filenames
+            if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
+        ]
+    return sorted(found)
+
+
+def _sorted_names(names):
+    """Class names sorted numerically when they are integers, else alphabetically."""
+    return sorted(names, key=lambda s: (0, int(s), "") if s.isdigit() else (1, 0, s))
+
+
+def _class_folder_split(split_dir, classes):
+    """Samples [(path, class index)] and class names of split_dir/<class>/<image>."""
+    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = found if classes is None else classes
+    if not classes:
+        raise DatasetError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DatasetError(f"{split_dir} has class folders {unknown} that the train split lacks")
+    samples = [(path, i) for i, name in enumerate(classes) for path in _scan(split_dir / name)]
+    return samples, classes
+
+
+def _csv_file(csv_path, line, row, column):
+    value = (row.get(column) or "").strip()
+    if not value:
+        raise DatasetError(f"{csv_path} line {line}: column '{column}' is empty")
+    path = csv_path.parent / value
+    if not path.is_file():
+        raise MissingPathError(f"{csv_path} line {line}: column '{column}' names {path}, which does not exist")
+    return str(path)
+
+
+def _read_csv(csv_path, classes=None):
+    """Samples, class names and channel names (per-channel layout, else None) of a CSV index."""
+    if not csv_path.is_file():
+        raise MissingPathError(f"CSV index {csv_path} does not exist")
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise DatasetError(f"{csv_path} is empty; expected a header 'path,label' or 'ch0,ch1,...,label'")
+        reader.fieldnames = [name.strip() for name in reader.fieldnames]
+        per_file = "path" in reader.fieldnames
+        columns = ["path"] if per_file else [c for c in reader.fieldnames if c != "label"]
+        if not columns:
+            raise DatasetError(f"{csv_path} has no path column; expected 'path,label' or 'ch0,ch1,...,label'")
+        rows = []
+        for row in reader:
+            files = [_csv_file(csv_path, reader.line_num, row, c) for c in columns]
+            rows.append((files[0] if per_file else files, (row.get("label") or "").strip(), reader.line_num))
+    if not rows:
+        raise DatasetError(f"{csv_path} lists no samples")
+    classes = _sorted_names({label for _, label, _ in rows if label}) if classes is None else classes
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = [(line, label) for _, label, line in rows if label and label not in index]
+    if unknown:
+        line, label = unknown[0]
+        raise DatasetError(f"{csv_path} line {line}: label {label!r} is not one of the train split's classes")
+    samples = [(files, index[label] if label else -1) for files, label, _ in rows]
+    return samples, classes, None if per_file else columns
+
+
+def _labelled_split(root, split, classes):
+    """(samples, classes, csv channel names) of root/<split>.csv or root/<split>/<class>/."""
+    csv_path = root / f"{split}.csv"
+    if csv_path.is_file():
+        return _read_csv(csv_path, classes)
+    if (root / split).is_dir():
+        return (*_class_folder_split(root / split, classes), None)
+    raise MissingPathError(f"--data_path {root}: found neither class folders {root / split}/ nor an index {csv_path}")
+
+
+def _unlabelled_samples(path):
+    """(samples with label -1, csv channel names) for pretraining."""
+    if path.is_file() and path.suffix.lower() != ".csv":
+        raise DatasetError(f"--data_path {path} is a file but not a .csv index")
+    csv_path = path if path.is_file() else path / "train.csv"
+    if csv_path.is_file():
+        samples, _, names = _read_csv(csv_path)
+        return [(files, -1) for files, _ in samples], names
+    folder = path / "train" if (path / "train").is_dir() else path
+    return [(file, -1) for file in _scan(folder)], None
+
+
+def _data_path(args):
+    value = getattr(args, "data_path", None)
+    if not value:
+        raise DatasetError("--data_path is required")
+    path = Path(value)
+    if not path.exists():
+        raise MissingPathError(f"--data_path {path} does not exist")
+    return path
+
+
+def _stats_dir(path):
+    return path if path.is_dir() else path.parent
+
+
+def _channel_names(stats_dir, csv_names, num_channels):
+    """Channel names from the CSV's columns, else from channels.txt (one per line) in stats_dir, else None."""
+    names_file = stats_dir / CHANNEL_NAMES_FILENAME
+    if csv_names is not None or not names_file.is_file():
+        return csv_names
+    names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+    if len(names) != num_channels:
+        raise DatasetError(f"{names_file} lists {len(names)} channel names but the data have {num_channels} channels")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _as_list(files):
+    return [files] if isinstance(files, str) else files
+
+
+def _describe(files):
+    return files if isinstance(files, str) else f"{files[0]} (and {len(files) - 1} more channel files)"
+
+
+def _sample_shape(files, headers):
+    """(C, H, W) of one sample; the files of a per-channel sample must be single-channel and equal in size."""
+    if isinstance(files, str):
+        return headers[0].shape
+    for path, header in zip(files, headers):
+        if header.shape[0] != 1:
+            raise DatasetError(f"{path} has {header.shape[0]} channels; a per-channel CSV needs 1 channel per file")
+        if header.shape[1:] != headers[0].shape[1:]:
+            raise DatasetError(
+                f"{path} is {header.shape[1:]} but {files[0]} of the same sample is {headers[0].shape[1:]}"
+            )
+    return (len(files), *headers[0].shape[1:])
+
+
+def _check_same_shape(shape, first, files, expected, mixed_sizes):
+    if shape[0] != expected[0]:
+        raise DatasetError(
+            f"{_describe(files)} has {shape[0]} channels but {_describe(first)} has {expected[0]}; "
+            "every sample needs the same channels"
+        )
+    if not mixed_sizes and shape[1:] != expected[1:]:
+        raise DatasetError(
+            f"{_describe(files)} is {shape[1]}x{shape[2]} but {_describe(first)} is {expected[1]}x{expected[2]}; "
+            "pass --allow_mixed_sizes if sizes legitimately differ (the crops resize every sample)"
+        )
+
+
+def _validate(samples, args, source):
+    """Read every file header; return (kept samples, (C, H, W) of the first sample, set of dtype names)."""
+    skip = getattr(args, "skip_bad_samples", False)
+    paths = sorted({path for files, _ in samples for path in _as_list(files)})
+    with ThreadPoolExecutor(HEADER_THREADS) as pool:
+        headers = dict(zip(paths, pool.map(_header_or_error, paths)))
+    kept, first, expected, dtypes = [], None, None, set()
+    for files, label in samples:
+        sample_headers = [headers[path] for path in _as_list(files)]
+        errors = [h for h in sample_headers if isinstance(h, Exception)]
+        if errors and not skip:
+            raise errors[0]
+        if errors:
+            logger.warning("skipping a sample: %s", errors[0])
+            continue
+        shape = _sample_shape(files, sample_headers)
+        if first is None:
+            first, expected = files, shape
+        _check_same_shape(shape, first, files, expected, getattr(args, "allow_mixed_sizes", False))
+        dtypes.update(h.dtype.name for h in sample_headers)
+        kept.append((files, label))
+    if not kept:
+        raise DatasetError(f"{source}: no readable image files ({', '.join(IMAGE_SUFFIXES)}) found")
+    return kept, expected, dtypes
+
+
+def parse_channels(value):
+    """--channels as None (all), a "0,2,4" string or a list of ints -> list of distinct ids or None."""
+    if value is None or value == "":
+        return None
+    try:
+        ids = [int(v) for v in (value.split(",") if isinstance(value, str) else value)]
+    except (TypeError, ValueError) as e:
+        raise DatasetError(f"--channels {value!r} is not a comma-separated list of channel ids") from e
+    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+        raise DatasetError(f"--channels {value!r} must list distinct channel ids >= 0")
+    return ids
+
+
+def _channel_ids(args, num_channels):
+    ids = parse_channels(getattr(args, "channels", None))
+    if ids is None:
+        ids = list(range(num_channels))
+    elif max(ids) >= num_channels:
+        raise DatasetError(f"--channels {ids} asks for channel {max(ids)} but the data have {num_channels} channels")
+    in_chans = getattr(args, "in_chans", None)
+    if in_chans is not None and in_chans != len(ids):
+        raise DatasetError(
+            f"--in_chans {in_chans} does not match the data: {len(ids)} of {num_channels} channels are used"
+        )
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+def _evenly_spaced(items, limit):
+    if limit is None or len(items) <= limit:
+        return list(items)
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
+def _int_range(dtype_names):
+    """(lowest, highest) value of the data when all dtypes are integers of <= 16 bits, else None."""
+    dtypes = [np.dtype(name) for name in dtype_names]
+    if not dtypes or any(d.kind not in "ui" or d.itemsize > 2 for d in dtypes):
+        return None
+    return min(np.iinfo(d).min for d in dtypes), max(np.iinfo(d).max for d in dtypes)
+
+
+def _histogram_percentiles(hist, offset, qs):
+    """Percentiles (len(qs), C) of integer data given per-channel counts, with numpy's 'linear' rule."""
+    cum = np.cumsum(hist, axis=1)
+    out = np.empty((len(qs), hist.shape[0]))
+    for c, counts in enumerate(cum):
+        n = int(counts[-1])
+        for j, q in enumerate(qs):
+            position = (n - 1) * (q / 100)
+            k = math.floor(position)
+            low, high = np.searchsorted(counts, [k, min(k + 1, n - 1)], side="right") + offset
+            out[j, c] = low + (position - k) * (high - low)
+    return out
+
+
+class ChannelStatistics:
+    """One-pass per-channel statistics over (C, H, W) images, accumulated in float64.
+
+    Mean and variance: each image's exact mean and sum of squared deviations are merged into the running
+    totals with Chan et al.'s parallel update, so they equal numpy's on the concatenated pixels up to float64
+    rounding (std is the population std, ddof=0). Percentiles (1st, 99th): exact, from a full per-channel
+    histogram, when every dtype is an integer of <= 16 bits; otherwise from ``pixels_per_image`` pixels drawn
+    uniformly without replacement from every image (about 2**20 per channel in all). That is exact when no
+    image has more pixels than that; else the quantile level is off by about sqrt(p (1 - p) / kept pixels),
+    ~1e-4 for p = 0.01 and 2**20 kept pixels.
+    """
+
+    def __init__(self, num_channels, int_range=None, pixels_per_image=None, seed=0):
+        self.count = 0
+        self.mean = np.zeros(num_channels)
+        self.m2 = np.zeros(num_channels)
+        self.min = np.full(num_channels, np.inf)
+        self.max = np.full(num_channels, -np.inf)
+        self.int_range = int_range
+        self.hist = None if int_range is None else np.zeros((num_channels, int_range[1] - int_range[0] + 1), np.int64)
+        self.pixels_per_image = pixels_per_image
+        self.kept = []
+        self.rng = np.random.default_rng(seed)
+
+    def update(self, img):
+        """Add one image (C, H, W) of any real dtype."""
+        x = img.reshape(img.shape[0], -1)
+        n = x.shape[1]
+        mean = x.mean(axis=1, dtype=np.float64)
+        m2 = ((x - mean[:, None]) ** 2).sum(axis=1)
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * (n / total)
+        self.m2 += m2 + delta**2 * (self.count * n / total)
+        self.count = total
+        self.min = np.minimum(self.min, x.min(axis=1))
+        self.max = np.maximum(self.max, x.max(axis=1))
+        if self.hist is not None:
+            self._count_values(x)
+        elif self.pixels_per_image:
+            picked = x if n <= self.pixels_per_image else x[:, self.rng.choice(n, self.pixels_per_image, replace=False)]
+            self.kept.append(picked.astype(np.float64))
+
+    def _count_values(self, x):
+        """Add (C, N) integer pixels to the histogram: bincount for big images, unique for small ones."""
+        low, width = self.int_range[0], self.hist.shape[1]
+        for c, row in enumerate(x.astype(np.int64) - low):
+            if row.size >= width:
+                self.hist[c] += np.bincount(row, minlength=width)
+            else:
+                values, counts = np.unique(row, return_counts=True)
+                self.hist[c, values] += counts
+
+    def result(self):
+        """dict of per-channel lists: mean, std, min, max and (when tracked) p1, p99."""
+        if self.count == 0:
+            raise DatasetError("no pixels to compute channel statistics from")
+        out = {
+            "mean": self.mean.tolist(),
+            "std": np.sqrt(self.m2 / self.count).tolist(),
+            "min": self.min.tolist(),
+            "max": self.max.tolist(),
+            "pixels_per_channel": self.count,
+        }
+        if self.hist is not None:
+            p1, p99 = _histogram_percentiles(self.hist, self.int_range[0], (1, 99))
+            out["percentile_method"] = "exact: full per-channel integer histogram, numpy 'linear' interpolation"
+        elif self.kept:
+            p1, p99 = np.percentile(np.concatenate(self.kept, axis=1), (1, 99), axis=1)
+            out["percentile_method"] = f"uniform random subsample of {self.pixels_per_image} pixels per image"
+        else:
+            return out
+        return {**out, "p1": p1.tolist(), "p99": p99.tolist()}
+
+
+def compute_channel_stats(dataset, max_samples=None, percentiles=True):
+    """Per-channel statistics of a MultiChannelDataset's raw pixels in one streaming pass (see ChannelStatistics)."""
+    indices = _evenly_spaced(range(len(dataset)), max_samples)
+    int_range = _int_range(dataset.dtypes) if percentiles else None
+    per_image = math.ceil(PERCENTILE_SAMPLE_SIZE / max(len(indices), 1)) if percentiles else None
+    stats, used = ChannelStatistics(dataset.in_chans, int_range, per_image), 0
+    for index in indices:
+        try:
+            stats.update(dataset.load_raw(index))
+            used += 1
+        except CorruptFileError as e:
+            if not dataset.skip_bad_samples:
+                raise
+            dataset.num_skipped += 1
+            logger.warning("statistics skip sample %d: %s", index, e)
+    return {**stats.result(), "num_samples": used}
+
+
+def load_channel_stats(path):
+    """channel_stats.json -> dict with equal-length 'mean' and 'std' lists."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingPathError(f"--channel_stats {path} does not exist")
+    try:
+        stats = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"cannot read channel statistics {path}: {e}") from e
+    ok = isinstance(stats, dict) and isinstance(stats.get("mean"), list) and isinstance(stats.get("std"), list)
+    if not ok or not stats["mean"] or len(stats["mean"]) != len(stats["std"]):
+        raise DatasetError(f"{path} needs equal-length, non-empty 'mean' and 'std' lists")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------- normalisation
+
+
+def parse_floats(value, flag):
+    """None, a "1,2,3" string or a list of numbers -> list of floats or None; errors name the flag."""
+    if value is None or value == "":
+        return None
+    try:
+        return [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
+    except (TypeError, ValueError) as e:
+        raise DatasetError(f"{flag} {value!r} is not a comma-separated list of numbers") from e
+
+
+def _per_channel(values, source, ids, num_channels):
+    if len(values) == num_channels:
+        return [float(values[i]) for i in ids]
+    if len(values) == len(ids):
+        return [float(v) for v in values]
+    raise DatasetError(f"{source} has {len(values)} values but the data have {num_channels} channels ({len(ids)} used)")
+
+
+def _positive_std(std):
+    for c, s in enumerate(std):
+        if s <= 0:
+            logger.warning("channel %d has std %g; normalising it with std 1", c, s)
+    return [s if s > 0 else 1.0 for s in std]
+
+
+def _estimate_mean_std(samples, ids, num_channels, source, skip_bad_samples):
+    subset = _evenly_spaced(samples, ESTIMATE_SAMPLES)
+    dataset = MultiChannelDataset(subset, [], ids, num_channels=num_channels, skip_bad_samples=skip_bad_samples)
+    stats = compute_channel_stats(dataset, percentiles=False)
+    logger.warning(
+        "%s: no --mean/--std, --channel_stats or %s; normalising with mean/std estimated from %d of %d training "
+        "samples. For exact values run: python -m util.datasets stats --data_path %s",
+        *(source, STATS_FILENAME, len(subset), len(samples), source),
+    )
+    return stats["mean"], stats["std"]
+
+
+def resolve_mean_std(args, stats_dir, ids, num_channels, dtypes, estimate):
+    """Per-channel (mean, std) in raw pixel units by the policy in the module docstring."""
+    mean, std = parse_floats(getattr(args, "mean", None), "--mean"), parse_floats(getattr(args, "std", None), "--std")
+    if (mean is None) != (std is None):
+        raise DatasetError("--mean and --std must be given together")
+    if mean is not None:
+        mean, std = _per_channel(mean, "--mean", ids, num_channels), _per_channel(std, "--std", ids, num_channels)
+        return mean, _positive_std(std)
+    explicit = getattr(args, "channel_stats", None)
+    stats_path = Path(explicit) if explicit else stats_dir / STATS_FILENAME
+    if explicit or stats_path.is_file():
+        stats = load_channel_stats(stats_path)
+        mean = _per_channel(stats["mean"], str(stats_path), ids, num_channels)
+        return mean, _positive_std(_per_channel(stats["std"], str(stats_path), ids, num_channels))
+    if len(ids) == 3 and dtypes == {"uint8"}:
+        return [m * 255 for m in IMAGENET_DEFAULT_MEAN], [s * 255 for s in IMAGENET_DEFAULT_STD]
+    mean, std = estimate()
+    return mean, _positive_std(std)
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+
+
+def _uint8_tensor_to_pil(x):
+    """float tensor (3, H, W) of 8-bit values -> PIL RGB image."""
+    return Image.fromarray(np.ascontiguousarray(x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()))
+
+
+def _timm_rgb_transform(args, size, mean, std):
+    """timm's ImageNet fine-tuning pipeline for 3-channel 8-bit data; mean/std in 0..255 units."""
+    timm_transform = create_transform(
+        input_size=size,
+        is_training=True,
+        color_jitter=getattr(args, "color_jitter", None),
+        auto_augment=getattr(args, "aa", None),
+        interpolation="bicubic",
+        re_prob=getattr(args, "reprob", 0.0),
+        re_mode=getattr(args, "remode", "pixel"),
+        re_count=getattr(args, "recount", 1),
+        mean=tuple(m / 255 for m in mean),
+        std=tuple(s / 255 for s in std),
+    )
+    return v2.Compose([_uint8_tensor_to_pil, timm_transform])
+
+
+def build_transform(is_train, args, pretrain=False, *, mean=None, std=None, uint8_rgb=False):
+    """Transform of a raw float tensor (C, H, W) -> normalised (C, input_size, input_size).
+
+    pretrain: RandomResizedCrop(scale 0.2-1) + hflip (MAE); fine-tune train: RandomResizedCrop(scale 0.08-1)
+    + hflip, or timm's pipeline on a PIL image when uint8_rgb; eval: resize the shorter side to
+    input_size / 0.875 (to input_size when it is above 224, as MAE does) + center crop. Bicubic, antialiased.
+    ``--vflip`` adds a vertical flip to training. mean/std (raw pixel units) default to --mean/--std.
+    """
+    size = getattr(args, "input_size", 224)
+    mean = mean if mean is not None else parse_floats(getattr(args, "mean", None), "--mean")
+    std = std if std is not None else parse_floats(getattr(args, "std", None), "--std")
+    if mean is None or std is None:
+        raise DatasetError("build_transform needs --mean and --std (or use build_dataset, which resolves them)")
+    bicubic = v2.InterpolationMode.BICUBIC
+    if is_train and not pretrain and uint8_rgb:
+        return _timm_rgb_transform(args, size, mean, std)
+    if is_train:
+        scale = (0.2, 1.0) if pretrain else (0.08, 1.0)
+        ops = [
+            v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+        ops += [v2.RandomVerticalFlip()] if getattr(args, "vflip", False) else []
+    else:
+        crop_pct = 224 / 256 if size <= 224 else 1.0
+        ops = [v2.Resize(int(size / crop_pct), interpolation=bicubic, antialias=True), v2.CenterCrop(size)]
+    return v2.Compose([*ops, v2.Normalize(mean, std)])
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+
+class MultiChannelDataset(torch.utils.data.Dataset):
+    """Images of C channels; item = (transformed float32 tensor (C', H', W'), int label, -1 if unlabelled).
+
+    samples: [(path, label)] or [([path per channel], label)]; channel_ids: the channels read, in order, out
+    of num_channels in the files. Without a transform an item is the raw float32 tensor (C', H, W).
+    """
+
+    def __init__(
+        self,
+        samples,
+        classes,
+        channel_ids,
+        transform=None,
+        *,
+        num_channels,
+        dtypes=(),
+        channel_names=None,
+        skip_bad_samples=False,
+    ):
+        self.samples = samples
+        self.classes = classes
+        self.nb_classes = len(classes)
+        self.channel_ids = list(channel_ids)
+        self.in_chans = len(self.channel_ids)
+        self.num_channels = num_channels
+        self.transform = transform
+        self.dtypes = set(dtypes)
+        self.channel_names = channel_names
+        self.skip_bad_samples = skip_bad_samples
+        self.num_skipped = 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _read(self, path, channels):
+        arr = read_array(path)
+        if arr.shape[0] != channels:
+            raise CorruptFileError(f"{path} has {arr.shape[0]} channels, expected {channels}")
+        return arr
+
+    def load_raw(self, index):
+        """Selected channels of sample ``index`` as (C', H, W) in the files' dtype."""
+        files, _ = self.samples[index]
+        if isinstance(files, str):
+            return self._read(files, self.num_channels)[self.channel_ids]
+        return np.concatenate([self._read(files[c], 1) for c in self.channel_ids])
+
+    def __getitem__(self, index):
+        for _ in range(len(self.samples)):
+            try:
+                img = self.load_raw(index)
+                break
+            except CorruptFileError as e:
+                if not self.skip_bad_samples:
+                    raise
+                self.num_skipped += 1
+                logger.warning("replacing sample %d: %s", index, e)
+                index = (index + 1) % len(self.samples)
+        else:
+            raise DatasetError("no sample of the dataset can be read")
+        x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))
+        return (self.transform(x) if self.transform else x), self.samples[index][1]
+
+
+def _build(samples, classes, csv_names, path, args, *, train, pretrain, stats_samples):
+    """Validate samples and attach channel selection, normalisation and transform; stats_samples feed estimates."""
+    skip = getattr(args, "skip_bad_samples", False)
+    stats_dir = _stats_dir(path)
+    samples, shape, dtypes = _validate(samples, args, f"--data_path {path}")
+    ids = _channel_ids(args, shape[0])
+
+    def estimate():
+        return _estimate_mean_std(stats_samples or samples, ids, shape[0], str(path), skip)
+
+    mean, std = resolve_mean_std(args, stats_dir, ids, shape[0], dtypes, estimate)
+    uint8_rgb = len(ids) == 3 and dtypes == {"uint8"}
+    transform = build_transform(train, args, pretrain, mean=mean, std=std, uint8_rgb=uint8_rgb)
+    names = _channel_names(stats_dir, csv_names, shape[0])
+    return MultiChannelDataset(
+        samples,
+        classes,
+        ids,
+        transform,
+        num_channels=shape[0],
+        dtypes=dtypes,
+        channel_names=names,
+        skip_bad_samples=skip,
+    )
+
+
+def build_dataset(is_train, args):
+    """Labelled dataset of --data_path/{train,val} (class folders or {train,val}.csv) for fine-tuning and eval."""
+    root = _data_path(args)
+    train_samples, classes, names = _labelled_split(root, "train", None)
+    samples = train_samples if is_train else _labelled_split(root, "val", classes)[0]
+    return _build(samples, classes, names, root, args, train=is_train, pretrain=False, stats_samples=train_samples)
+
+
+def build_pretrain_dataset(args):
+    """Unlabelled dataset (labels -1) of --data_path: a CSV, root/train.csv, root/train/ or root/."""
+    path = _data_path(args)
+    samples, names = _unlabelled_samples(path)
+    return _build(samples, [], names, path, args, train=True, pretrain=True, stats_samples=None)
+
+
+def build_raw_dataset(data_path, skip_bad_samples=False, allow_mixed_sizes=False):
+    """All channels of the pretraining samples of data_path, untransformed (for statistics)."""
+    args = argparse.Namespace(skip_bad_samples=skip_bad_samples, allow_mixed_sizes=allow_mixed_sizes)
+    path = _data_path(argparse.Namespace(data_path=data_path))
+    samples, names = _unlabelled_samples(path)
+    samples, shape, dtypes = _validate(samples, args, f"--data_path {path}")
+    names = _channel_names(_stats_dir(path), names, shape[0])
+    return MultiChannelDataset(
+        samples,
+        [],
+        range(shape[0]),
+        num_channels=shape[0],
+        dtypes=dtypes,
+        channel_names=names,
+        skip_bad_samples=skip_bad_samples,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def write_channel_stats(data_path, out=None, max_samples=None, **kwargs):
+    """Compute per-channel statistics of data_path's pretraining samples and write them as JSON; return them."""
+    dataset = build_raw_dataset(data_path, **kwargs)
+    stats = compute_channel_stats(dataset, max_samples)
+    names = dataset.channel_names or [str(c) for c in range(dataset.in_chans)]
+    stats = {"channels": names, **stats, "dtypes": sorted(dataset.dtypes)}
+    out = Path(out) if out else _stats_dir(Path(data_path)) / STATS_FILENAME
+    out.write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m util.datasets", description="Dataset utilities.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    stats = commands.add_parser("stats", help="per-channel mean/std/percentiles in one streaming pass")
+    stats.add_argument("--data_path", required=True, help="pretraining layout: CSV, root/train.csv, root/train/, root/")
+    stats.add_argument("--out", default=None, help=f"output JSON (default: <data root>/{STATS_FILENAME})")
+    stats.add_argument("--max_samples", type=int, default=None, help="use this many evenly spaced samples")
+    stats.add_argument("--skip_bad_samples", action="store_true")
+    stats.add_argument("--allow_mixed_sizes", action="store_true")
+    args = parser.parse_args(argv)
+    result = write_channel_stats(
+        args.data_path,
+        args.out,
+        args.max_samples,
+        skip_bad_samples=args.skip_bad_samples,
+        allow_mixed_sizes=args.allow_mixed_sizes,
+    )
+    print(f"{len(result['channels'])} channels, {result['num_samples']} samples")
+    for name, mean, std in zip(result["channels"], result["mean"], result["std"]):
+        print(f"  {name}: mean {mean:.6g} std {std:.6g}")
+
+
+if __name__ == "__main__":
+    main()
