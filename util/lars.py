@@ -18,9 +18,18 @@ import torch
 class LARS(torch.optim.Optimizer):
     """LARS with momentum; no weight decay and no trust-ratio scaling for 1-D parameters."""
 
-    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9, trust_coefficient: float = 0.001):
+    def __init__(
+        self,
+        params,
+        lr: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ):
         if lr < 0.0 or weight_decay < 0.0 or momentum < 0.0:
-            raise ValueError(f"invalid LARS hyper-parameters: lr={lr}, weight_decay={weight_decay}, momentum={momentum}")
+            raise ValueError(
+                f"invalid LARS hyper-parameters: lr={lr}, weight_decay={weight_decay}, momentum={momentum}"
+            )
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
         super().__init__(params, defaults)
 

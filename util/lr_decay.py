@@ -22,7 +22,9 @@ def get_layer_id(name: str, num_layers: int) -> int:
     return num_layers
 
 
-def param_groups_lrd(model, weight_decay: float = 0.05, no_weight_decay_list=(), layer_decay: float = 0.75) -> list[dict]:
+def param_groups_lrd(
+    model, weight_decay: float = 0.05, no_weight_decay_list=(), layer_decay: float = 0.75
+) -> list[dict]:
     """Optimizer param groups with a per-layer ``lr_scale`` and per-parameter weight decay.
 
     Frozen parameters (``requires_grad=False``) are left out. Each group dict has ``params``, ``weight_decay``,

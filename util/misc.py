@@ -1,16 +1,24 @@
-"""Training utilities: distributed setup, rank helpers, metric logging, AMP, checkpoints and RNG state.
+"""Training utilities: distributed setup, rank helpers, metric logging, AMP, checkpoints, RNG state, and the
+handling of faults (user-facing errors, stop signals).
 
 Checkpoints hold only tensors and plain Python values, so ``torch.load(weights_only=True)`` (torch's default since
 2.6) reads them; they are written atomically (``*.tmp``, fsync, rename, fsync of the directory).
 """
 
+import argparse
+import ast
 import builtins
 import datetime
 import glob
+import itertools
+import json
 import os
 import random
 import re
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections import defaultdict, deque
 from contextlib import nullcontext
@@ -85,6 +93,8 @@ def _init_slurm_env(args):
     try:
         from submitit.helpers import TorchDistributedEnvironment
 
+        # outside a submitit job (plain srun) submitit's Slurm environment still reads SLURM_*, once told to
+        os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
         env = TorchDistributedEnvironment()
         if args.dist_url == "env://":
             env.export(set_cuda_visible_devices=False, overwrite=True)
@@ -125,7 +135,10 @@ def init_distributed_mode(args):
         args.gpu = args.gpu % torch.cuda.device_count()
         torch.cuda.set_device(args.gpu)
     args.dist_backend = "nccl" if use_cuda else "gloo"
-    print(f"| distributed init (rank {args.rank}/{args.world_size}): {args.dist_url}, backend {args.dist_backend}", flush=True)
+    print(
+        f"| distributed init (rank {args.rank}/{args.world_size}): {args.dist_url}, backend {args.dist_backend}",
+        flush=True,
+    )
     dist.init_process_group(
         backend=args.dist_backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank
     )
@@ -314,6 +327,195 @@ class LossTracker:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# user-facing errors and stop signals (preemption)
+
+
+class RunError(RuntimeError):
+    """A problem the user can act on (a checkpoint, the output directory, a flag); ``run_main`` prints it as
+    ``ERROR: <message>`` and exits with status 1, without a traceback."""
+
+
+class CheckpointError(RunError):
+    """A checkpoint file cannot be read, is not a checkpoint, or needs ``--unsafe_load``."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint does not fit the model; the message lists the mismatched keys and shapes."""
+
+
+class OutputError(RunError):
+    """``--output_dir`` / ``--log_dir`` cannot be written (permissions, not a directory, disk full)."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""Signals that stop training with a checkpoint: SIGTERM (Slurm preemption, ``scancel``, torchrun shutting down,
+``kill``) and SIGUSR1 (e.g. ``sbatch --signal=USR1@120``). submitit's SIGUSR2 requeue is left to submitit."""
+
+PROGRESS_KEY = "epoch_progress"
+"""Checkpoint entry of a mid-epoch stop: ``{'step', 'meters', 'world_size', 'batch_size'}``."""
+
+_stop = {"signum": 0, "installed": False, "previous": {}, "group": None}
+
+
+class TrainingStopped(Exception):
+    """Training stopped on a stop signal; the entry point saves a checkpoint, sets ``checkpoint`` and re-raises.
+
+    ``step``: steps of ``epoch`` done (0: stopped after the whole epoch); ``meters``: the epoch's metric sums so
+    far ({name: [total, count]}); ``batch_size``: per process, to check that a resumed run can continue mid-epoch.
+    """
+
+    def __init__(self, signum: int, epoch: int, step: int = 0, meters: dict | None = None, batch_size: int = 0):
+        super().__init__(signum, epoch, step)
+        self.signum, self.epoch, self.step = signum, epoch, step
+        self.meters, self.batch_size = meters or {}, batch_size
+        self.checkpoint = None
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, the status of a process killed by that signal."""
+        return 128 + self.signum
+
+    @property
+    def progress(self) -> dict:
+        """The ``PROGRESS_KEY`` checkpoint entry that lets ``--auto_resume`` continue this epoch mid-way."""
+        return {"step": self.step, "meters": self.meters, "world_size": get_world_size(), "batch_size": self.batch_size}
+
+    def __str__(self):
+        name = signal.Signals(self.signum).name
+        where = f"at epoch {self.epoch}, step {self.step} (mid-epoch)" if self.step else f"after epoch {self.epoch}"
+        saved = f"saved {self.checkpoint}" if self.checkpoint else "rank 0 saved the checkpoint"
+        return f"Stopped by {name} {where}; {saved}. Continue with --auto_resume (or --resume <checkpoint>)."
+
+
+def _on_stop_signal(signum, frame):
+    """Note the signal for ``stop_requested``; a second one meets the previous handler (by default: exit)."""
+    _stop["signum"] = _stop["signum"] or signum
+    signal.signal(signum, _stop["previous"].pop(signum, signal.SIG_DFL))
+    # os.write, not print: the signal may interrupt a print to the same stream
+    os.write(2, f"Received {signal.Signals(signum).name}: saving a checkpoint after the current step\n".encode())
+
+
+def install_stop_handlers() -> list[str]:
+    """Make SIGTERM / SIGUSR1 stop training with a checkpoint; call on every process before the epoch loop.
+
+    Only signals at their default disposition are taken, so a launcher's handlers stay in force (under submitit,
+    SIGTERM is its 'bypass' and SIGUSR2 its requeue). The engines poll ``stop_requested`` after each optimizer
+    step. When distributed this creates a gloo group for that poll (a CPU all-reduce, no device sync).
+    Returns the names of the signals taken.
+    """
+    _stop["signum"] = 0
+    if is_dist_avail_and_initialized() and not _stop["installed"] and dist.get_backend() != "gloo":
+        _stop["group"] = dist.new_group(backend="gloo")
+    _stop["installed"] = True
+    taken = []
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            current = signal.getsignal(signum)
+            if current == signal.SIG_DFL:
+                _stop["previous"][signum] = current
+                signal.signal(signum, _on_stop_signal)
+            if signal.getsignal(signum) == _on_stop_signal:
+                taken.append(signum.name)
+    left = [s.name for s in STOP_SIGNALS if s.name not in taken]
+    print(f"Stop signals (checkpoint, then exit): {', '.join(taken) or 'none'}; left to the launcher: {left}")
+    return taken
+
+
+def restore_stop_handlers():
+    """Give the stop signals back their previous handlers (end of training)."""
+    for signum, previous in _stop["previous"].items():
+        signal.signal(signum, previous)
+    _stop.update(signum=0, installed=False, previous={}, group=None)
+
+
+def stop_requested() -> int:
+    """The stop signal any process received since ``install_stop_handlers`` (0: none; always 0 before it).
+
+    Collective when distributed: every process calls it at the same steps, so all stop at the same step.
+    """
+    if not _stop["installed"]:
+        return 0
+    signum = _stop["signum"]
+    if is_dist_avail_and_initialized():
+        flag = torch.tensor([signum], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_stop["group"])
+        signum = int(flag.item())
+    return signum
+
+
+def stop_if_requested(epoch: int, step: int, tracker: LossTracker, metric_logger: MetricLogger, batch_size: int):
+    """In an engine, after the optimizer update of ``step``: raise ``TrainingStopped`` if a stop signal came.
+
+    The losses since the last logging step are checked first (a NaN/inf raises ``NonFiniteLossError`` instead,
+    so a bad state is never saved) and added to the loss meter, whose sums travel in the exception.
+    """
+    signum = stop_requested()
+    if not signum:
+        return
+    if tracker.count:
+        loss_value, n = tracker.flush()
+        metric_logger.update(loss=(loss_value, n))
+    meters = {name: [meter.total, meter.count] for name, meter in metric_logger.meters.items()}
+    raise TrainingStopped(signum, epoch, step + 1, meters, batch_size)
+
+
+def stop_after_epoch(args, epoch: int, checkpoint: str | None):
+    """After ``epoch`` is saved (to ``checkpoint``): raise ``TrainingStopped`` if a stop signal came meanwhile
+    (during evaluation or saving) and epochs remain."""
+    signum = stop_requested()
+    if signum and epoch + 1 < args.epochs:
+        stop = TrainingStopped(signum, epoch)
+        stop.checkpoint = checkpoint
+        raise stop
+
+
+def resume_progress(checkpoint: dict | None, args) -> dict | None:
+    """The mid-epoch position of a checkpoint saved on a stop signal, if this run can continue from it.
+
+    It can when the number of processes and the batch size are unchanged; otherwise the epoch restarts from its
+    first step (the steps already done in it are then trained twice).
+    """
+    progress = (checkpoint or {}).get(PROGRESS_KEY)
+    if not progress or getattr(args, "eval", False):
+        return None
+    if (progress["world_size"], progress["batch_size"]) != (get_world_size(), args.batch_size):
+        print(
+            f"The checkpoint stopped epoch {args.start_epoch} at step {progress['step']} with "
+            f"{progress['world_size']} process(es) x --batch_size {progress['batch_size']}; with "
+            f"{get_world_size()} x {args.batch_size} that epoch restarts from its first step"
+        )
+        return None
+    print(f"Continuing epoch {args.start_epoch} at step {progress['step']}")
+    return progress
+
+
+def restore_meters(metric_logger: MetricLogger, progress: dict | None) -> int:
+    """Put a mid-epoch checkpoint's metric sums back into ``metric_logger``; returns the first step to run."""
+    if not progress:
+        return 0
+    for name, (total, count) in progress["meters"].items():
+        meter = metric_logger.meters[name]
+        meter.total, meter.count = total, count
+    return progress["step"]
+
+
+def run_main(main, args, errors: tuple = ()):
+    """Run ``main(args)`` for a command line.
+
+    A stop signal ends the process with status 128 + its number after the checkpoint is saved; ``RunError``,
+    ``NonFiniteLossError`` and the exception types in ``errors`` (e.g. ``DatasetError``) end it with
+    ``ERROR: <message>`` on stderr and status 1, without a traceback.
+    """
+    try:
+        return main(args)
+    except TrainingStopped as stop:
+        sys.stderr.write(f"{stop}\n")
+        sys.exit(stop.exit_code)
+    except (RunError, NonFiniteLossError, *errors) as err:
+        sys.exit(f"ERROR: {err}")
+
+
+# --------------------------------------------------------------------------------------------------------------
 # AMP
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
@@ -388,7 +590,7 @@ def maybe_no_sync(model, skip_sync: bool):
 def seed_everything(seed: int):
     """Seed torch (CPU and CUDA), numpy and Python's ``random``."""
     torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - the legacy global RNG is what timm Mixup and user code draw from
     random.seed(seed)
 
 
@@ -399,7 +601,7 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
 
 def get_rng_state() -> dict:
     """This process's RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
-    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()  # noqa: NPY002 - see seed_everything
     version, py_state, gauss_next = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
@@ -419,7 +621,7 @@ def set_rng_state(state: dict):
     """Restore the states saved by ``get_rng_state``."""
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
-    np.random.set_state(
+    np.random.set_state(  # noqa: NPY002 - see seed_everything
         (
             "MT19937",
             np_state["keys"].numpy().astype(np.uint32),
@@ -477,8 +679,19 @@ def _fsync_dir(path: str):
         os.close(fd)
 
 
+def _os_error(err: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``err`` (itself, or in its chain of causes)."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 def atomic_save(obj, path: str):
-    """``torch.save`` to ``path + '.tmp'``, flush and fsync, rename over ``path``, fsync the directory."""
+    """``torch.save`` to ``path + '.tmp'``, flush and fsync, rename over ``path``, fsync the directory.
+
+    A write error (disk full, file too large, read-only file system) raises an ``OSError`` naming the file, also
+    where ``torch.save`` reports it as an opaque ``RuntimeError``; ``path`` is then left as it was.
+    """
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -486,6 +699,11 @@ def atomic_save(obj, path: str):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except RuntimeError as err:
+        cause = _os_error(err)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, tmp) from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -565,6 +783,15 @@ def find_latest_checkpoint(output_dir: str) -> str | None:
     return max(numbered)[1] if numbered else None
 
 
+def resolve_resume(args) -> str:
+    """``args.resume``, filled in from ``find_latest_checkpoint(args.output_dir)`` under ``--auto_resume``."""
+    if not getattr(args, "resume", "") and getattr(args, "auto_resume", False):
+        args.resume = find_latest_checkpoint(args.output_dir) or ""
+        if args.resume:
+            print(f"Auto-resuming from {args.resume}")
+    return getattr(args, "resume", "")
+
+
 def load_model(args, model_without_ddp, optimizer=None, loss_scaler=None) -> dict | None:
     """Resume from ``args.resume`` (or, with ``args.auto_resume``, the newest checkpoint in ``args.output_dir``).
 
@@ -572,11 +799,7 @@ def load_model(args, model_without_ddp, optimizer=None, loss_scaler=None) -> dic
     and this process's RNG states, so call it after everything that draws random numbers at start-up.
     Returns the checkpoint dict (None when there is nothing to resume).
     """
-    if not getattr(args, "resume", "") and getattr(args, "auto_resume", False):
-        args.resume = find_latest_checkpoint(args.output_dir) or ""
-        if args.resume:
-            print(f"Auto-resuming from {args.resume}")
-    if not getattr(args, "resume", ""):
+    if not resolve_resume(args):
         return None
     checkpoint = load_checkpoint(args.resume, unsafe=getattr(args, "unsafe_load", False))
     model_without_ddp.load_state_dict(checkpoint["model"])
@@ -596,3 +819,224 @@ def load_model(args, model_without_ddp, optimizer=None, loss_scaler=None) -> dic
         seed_everything(epoch_seed(args.seed, args.start_epoch, rank))
     print(f"With optimizer and scaler; continuing at epoch {args.start_epoch}")
     return checkpoint
+
+
+# --------------------------------------------------------------------------------------------------------------
+# command line, run setup, data loaders, logs
+
+
+def parse_model_kwargs(items) -> dict:
+    """``['depth=2', 'embed_dim=64', 'qkv_bias=False']`` -> dict; values parsed as Python literals, else strings."""
+    kwargs = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"--model_kwargs expects key=value, got '{item}'")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return kwargs
+
+
+class FloatListAction(argparse.Action):
+    """``--mean 1 2 3`` or ``--mean 1,2,3`` -> [1.0, 2.0, 3.0]."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            floats = [float(v) for value in values for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            parser.error(f"{option_string} expects numbers, got {' '.join(values)}")
+        setattr(namespace, self.dest, floats)
+
+
+def add_common_args(parser: argparse.ArgumentParser):
+    """Flags shared by main_pretrain, main_finetune and main_linprobe (data, runtime, checkpoints, distributed)."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data_path", default=None, type=str, help="dataset root (class folders) or a CSV index")
+    g.add_argument("--input_size", default=224, type=int, help="image size (square)")
+    g.add_argument("--in_chans", default=None, type=int, help="number of input channels (default: from the data)")
+    g.add_argument("--channels", default=None, type=str, help="channel ids to read, e.g. '0,2,4' (default: all)")
+    g.add_argument("--mean", default=None, nargs="+", action=FloatListAction, help="per-channel mean (raw units)")
+    g.add_argument("--std", default=None, nargs="+", action=FloatListAction, help="per-channel std (raw units)")
+    g.add_argument("--channel_stats", default=None, type=str, help="JSON with per-channel mean/std")
+    g.add_argument("--vflip", action="store_true", help="add random vertical flips to training augmentation")
+    g.add_argument("--allow_mixed_sizes", action="store_true", help="allow images of different sizes")
+    g.add_argument("--skip_bad_samples", action="store_true", help="skip unreadable files instead of failing")
+
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--output_dir", default="./output_dir", help="where checkpoints and log.txt go ('' = nowhere)")
+    g.add_argument("--log_dir", default=None, help="TensorBoard directory (default: --output_dir)")
+    g.add_argument("--device", default=default_device(), help="'cuda' (when available) or 'cpu'")
+    g.add_argument("--seed", default=0, type=int)
+    g.add_argument("--resume", default="", help="resume from this checkpoint")
+    g.add_argument("--auto_resume", action="store_true", help="resume from the newest checkpoint in --output_dir")
+    g.add_argument("--unsafe_load", action="store_true", help="torch.load with weights_only=False (trusted files)")
+    g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (set by --resume)")
+    g.add_argument("--save_every", default=20, type=int, help="also keep checkpoint-<epoch>.pth every N epochs")
+    g.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
+    g.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader (CUDA only)")
+    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    parser.set_defaults(pin_mem=True)
+    g.add_argument("--print_freq", default=20, type=int, help="log every N iterations")
+    g.add_argument(
+        "--amp",
+        default=None,
+        choices=sorted(AMP_DTYPES),
+        help="autocast dtype (default: bf16/fp16 on CUDA, none on CPU)",
+    )
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--grad_checkpointing", action="store_true", help="activation checkpointing in the blocks")
+
+    g = parser.add_argument_group("distributed")
+    g.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
+    g.add_argument("--local_rank", "--local-rank", default=-1, type=int)
+    g.add_argument("--dist_on_itp", action="store_true", help="OpenMPI launcher (OMPI_COMM_WORLD_* variables)")
+    g.add_argument("--dist_url", default="env://", help="rendezvous URL for torch.distributed")
+    return parser
+
+
+def setup_run(args) -> torch.device:
+    """Join the process group, pick the device and AMP mode, seed (seed + rank), create output dirs."""
+    init_distributed_mode(args)
+    if args.log_dir is None:
+        args.log_dir = args.output_dir
+    device = torch.device(args.device)
+    args.amp = resolve_amp(args.amp, device)
+    seed_everything(args.seed + get_rank())
+    if is_main_process():
+        for path in (args.output_dir, args.log_dir):
+            if path:
+                os.makedirs(path, exist_ok=True)
+    print(f"job dir: {os.path.dirname(os.path.dirname(os.path.realpath(__file__)))}")
+    print(json.dumps(args_to_dict(args), indent=1))
+    return device
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Indices ``rank, rank + world_size, ...``: every sample exactly once over all processes (no padding)."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int):
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.rank, self.num_replicas, self.size = rank, num_replicas, len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.size, self.num_replicas))
+
+    def __len__(self):
+        return self.num_samples
+
+
+def build_train_loader(dataset, args, drop_last: bool = True):
+    """Shuffling loader whose order depends only on (seed, epoch): call ``set_loader_epoch`` before each epoch.
+
+    The order comes from a ``DistributedSampler`` (also with one process) and worker seeds from the loader's own
+    generator, so neither draws from the global RNG.
+    """
+    sampler = torch.utils.data.DistributedSampler(
+        dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True, seed=args.seed
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=args.pin_mem and str(args.device).startswith("cuda"),
+        drop_last=drop_last,
+        generator=torch.Generator(),
+    )
+    if len(loader) == 0:
+        raise ValueError(
+            f"{len(dataset)} training samples give no full batch of {args.batch_size} per process "
+            f"on {get_world_size()} process(es); lower --batch_size"
+        )
+    return loader
+
+
+def set_loader_epoch(loader, epoch: int, args):
+    """Seed the shuffling and the worker RNGs of ``loader`` for ``epoch``."""
+    loader.sampler.set_epoch(epoch)
+    loader.generator.manual_seed(epoch_seed(args.seed, epoch, get_rank()))
+
+
+def build_eval_loader(dataset, args):
+    """Sequential loader; with ``--dist_eval`` every process scores a disjoint shard (``ShardSampler``)."""
+    if getattr(args, "dist_eval", False) and get_world_size() > 1:
+        sampler = ShardSampler(dataset, get_world_size(), get_rank())
+    else:
+        sampler = torch.utils.data.SequentialSampler(dataset)
+    generator = torch.Generator()
+    generator.manual_seed(args.seed)
+    return torch.utils.data.DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=args.pin_mem and str(args.device).startswith("cuda"),
+        drop_last=False,
+        generator=generator,
+    )
+
+
+def num_known_channels(dataset) -> int:
+    """Channels in the files (the dataset may read a subset, named by ``dataset.channel_ids``)."""
+    return max(getattr(dataset, "num_channels", 0), max(dataset.channel_ids) + 1)
+
+
+def describe_dataset(name: str, dataset) -> str:
+    """One line: sample count, channels read and classes."""
+    classes = getattr(dataset, "classes", None)
+    class_info = f", {len(classes)} classes" if classes else ""
+    return f"{name}: {len(dataset)} samples, channels {list(dataset.channel_ids)}{class_info}"
+
+
+def describe_optimizer(optimizer) -> str:
+    """One line: optimizer class, lr and the size of its parameter groups."""
+    groups = ", ".join(
+        f"{sum(p.numel() for p in g['params'])} params wd={g.get('weight_decay', 0.0):g}"
+        + (f" lr_scale={g['lr_scale']:.3g}" if "lr_scale" in g else "")
+        for g in optimizer.param_groups
+    )
+    return f"{type(optimizer).__name__}(lr={optimizer.defaults['lr']:.3g}) groups: [{groups}]"
+
+
+def scale_lr(args) -> int:
+    """Set ``args.lr = args.blr * eff_batch / 256`` unless ``--lr`` was given; return the effective batch size."""
+    eff_batch_size = args.batch_size * args.accum_iter * get_world_size()
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}, actual lr: {args.lr:.2e}")
+    print(f"accumulate grad iterations: {args.accum_iter}, effective batch size: {eff_batch_size}")
+    return eff_batch_size
+
+
+def wrap_model(model, args, device):
+    """(training module, evaluation module) for ``model``: DDP when distributed, ``torch.compile`` with
+    ``--compile``. The evaluation module skips DDP, so processes may score different numbers of batches."""
+    train_model = eval_model = model
+    if args.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None
+        )
+    if args.compile:
+        train_model = torch.compile(train_model)
+        eval_model = torch.compile(model)
+    return train_model, eval_model
+
+
+def open_log_writer(args):
+    """A TensorBoard ``SummaryWriter`` on ``args.log_dir`` on rank 0, else None."""
+    if not is_main_process() or not args.log_dir:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=args.log_dir)
+
+
+def write_log(args, stats: dict, log_writer=None):
+    """Append ``stats`` as one JSON line to ``output_dir/log.txt`` (rank 0) and flush the TensorBoard writer."""
+    if log_writer is not None:
+        log_writer.flush()
+    if is_main_process() and args.output_dir:
+        with open(os.path.join(args.output_dir, "log.txt"), mode="a", encoding="utf-8") as f:
+            f.write(json.dumps(stats) + "\n")

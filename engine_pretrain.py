@@ -1,0 +1,66 @@
+"""One epoch of masked-autoencoder pretraining (MAE and ChannelMAE)."""
+
+import torch
+
+import util.lr_sched as lr_sched
+import util.misc as misc
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    data_loader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    epoch: int,
+    loss_scaler: misc.NativeScaler,
+    log_writer=None,
+    args=None,
+    channel_ids: torch.Tensor | None = None,
+) -> dict:
+    """Train for one epoch; returns the epoch averages ``{'loss': ..., 'lr': ...}``.
+
+    Batches are (imgs (N, C, H, W), labels); labels are ignored. ``channel_ids`` (C,) names the input planes. The
+    lr follows ``util.lr_sched`` per iteration (updated every ``args.accum_iter`` steps). Losses stay on the
+    device between logging steps (see ``misc.LossTracker``); a NaN/inf loss raises ``misc.NonFiniteLossError``.
+    """
+    model.train(True)
+    metric_logger = misc.MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    header = f"Epoch: [{epoch}]"
+    print_freq = args.print_freq
+    accum_iter = args.accum_iter
+    num_steps = len(data_loader)
+    tracker = misc.LossTracker(device, epoch)
+    lr = optimizer.param_groups[0]["lr"]
+
+    optimizer.zero_grad(set_to_none=True)
+    for step, (samples, _) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+        if step % accum_iter == 0:
+            lr = lr_sched.adjust_learning_rate(optimizer, epoch + step / num_steps, args)
+        samples = samples.to(device, non_blocking=True)
+        update = (step + 1) % accum_iter == 0
+        with misc.maybe_no_sync(model, not update):
+            with misc.autocast(device, args.amp):
+                loss, _, _ = model(samples, mask_ratio=args.mask_ratio, channel_ids=channel_ids)
+            loss_scaler(
+                loss / accum_iter,
+                optimizer,
+                clip_grad=args.clip_grad,
+                parameters=model.parameters(),
+                update_grad=update,
+            )
+        if update:
+            optimizer.zero_grad(set_to_none=True)
+        tracker.update(loss, step)
+
+        if misc.is_log_step(step, num_steps, print_freq):
+            loss_value, n = tracker.flush()
+            metric_logger.update(loss=(loss_value, n), lr=lr)
+            if log_writer is not None:
+                epoch_1000x = int((epoch + (step + 1) / num_steps) * 1000)
+                log_writer.add_scalar("train_loss", loss_value, epoch_1000x)
+                log_writer.add_scalar("lr", lr, epoch_1000x)
+
+    stats = {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+    print("Averaged stats:", metric_logger)
+    return stats

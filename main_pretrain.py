@@ -1,0 +1,139 @@
+"""Masked-autoencoder pretraining (MAE or ChannelMAE).
+
+With no flags at all it pretrains a tiny ChannelMAE on the bundled ``sample_data/ihc`` tiles, on CUDA when present,
+else on the CPU, writing checkpoints, ``log.txt`` (one JSON line per epoch) and TensorBoard events to ./output_dir.
+"""
+
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import timm.optim
+import torch
+
+import models_chamae
+import util.misc as misc
+from engine_pretrain import train_one_epoch
+from util.datasets import build_pretrain_dataset
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("MAE / ChannelMAE pre-training", add_help=False)
+    parser.add_argument("--batch_size", default=64, type=int, help="batch size per process")
+    parser.add_argument("--epochs", default=20, type=int)
+    parser.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="chamae_vit_tiny_patch16", choices=models_chamae.PRETRAIN_MODELS, metavar="MODEL")
+    g.add_argument("--patch_size", default=None, type=int, help="override the patch size of --model")
+    g.add_argument(
+        "--model_kwargs", default=[], nargs="*", metavar="KEY=VALUE", help="other model overrides, e.g. depth=2"
+    )
+    g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of tokens masked")
+    g.add_argument("--mask_mode", default="independent", choices=models_chamae.MASK_MODES, help="ChannelMAE masking")
+    g.add_argument("--hcs", action="store_true", help="hierarchical channel sampling (ChannelMAE)")
+    g.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised pixels as targets")
+    parser.set_defaults(norm_pix_loss=False)
+    g.add_argument("--decoder", default="full", choices=["full", "cross"], help="MAE decoder or cross-attention")
+    g.add_argument("--decode_ratio", default=1.0, type=float, help="fraction of masked tokens decoded (cross)")
+
+    g = parser.add_argument_group("optimizer")
+    g.add_argument("--weight_decay", default=0.05, type=float)
+    g.add_argument("--lr", default=None, type=float, metavar="LR", help="absolute lr (default: blr * eff_batch / 256)")
+    g.add_argument("--blr", default=1e-3, type=float, metavar="LR", help="base lr for an effective batch of 256")
+    g.add_argument("--min_lr", default=0.0, type=float, metavar="LR", help="lr floor of the cosine schedule")
+    g.add_argument("--warmup_epochs", default=2, type=int, metavar="N")
+    g.add_argument("--clip_grad", default=None, type=float, metavar="NORM", help="clip the gradient norm")
+
+    misc.add_common_args(parser)
+    parser.set_defaults(data_path=os.path.join(REPO_DIR, "sample_data", "ihc"), input_size=64)
+    return parser
+
+
+def build_model(args, dataset):
+    """The pretraining model for ``args.model`` sized for the dataset's channels."""
+    kwargs = dict(
+        img_size=args.input_size,
+        in_chans=dataset.in_chans,
+        num_channels=misc.num_known_channels(dataset),
+        norm_pix_loss=args.norm_pix_loss,
+        decoder=args.decoder,
+        decode_ratio=args.decode_ratio,
+        mask_mode=args.mask_mode,
+        hcs=args.hcs,
+    )
+    if args.patch_size:
+        kwargs["patch_size"] = args.patch_size
+    kwargs.update(misc.parse_model_kwargs(args.model_kwargs))
+    return models_chamae.create_model(args.model, **kwargs)
+
+
+def main(args):
+    device = misc.setup_run(args)
+
+    dataset_train = build_pretrain_dataset(args)
+    print(misc.describe_dataset("train", dataset_train))
+    channel_ids = torch.as_tensor(dataset_train.channel_ids, dtype=torch.long, device=device)
+    data_loader_train = misc.build_train_loader(dataset_train, args)
+    log_writer = misc.open_log_writer(args)
+
+    model = build_model(args, dataset_train)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.to(device)
+    model_without_ddp = model
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"Model = {args.model}, {n_parameters / 1e6:.2f}M trainable parameters")
+
+    eff_batch_size = args.batch_size * args.accum_iter * misc.get_world_size()
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}, actual lr: {args.lr:.2e}")
+    print(f"accumulate grad iterations: {args.accum_iter}, effective batch size: {eff_batch_size}")
+
+    param_groups = timm.optim.param_groups_weight_decay(
+        model_without_ddp, args.weight_decay, no_weight_decay_list=model_without_ddp.no_weight_decay()
+    )
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
+    loss_scaler = misc.NativeScaler(device, args.amp)
+    print(f"AMP: {args.amp}; {misc.describe_optimizer(optimizer)}")
+
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None
+        )
+    if args.compile:
+        model = torch.compile(model)
+
+    misc.load_model(args, model_without_ddp, optimizer, loss_scaler)
+
+    print(f"Start training for {args.epochs} epochs")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        misc.set_loader_epoch(data_loader_train, epoch, args)
+        train_stats = train_one_epoch(
+            model, data_loader_train, optimizer, device, epoch, loss_scaler, log_writer, args, channel_ids
+        )
+        misc.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch, "n_parameters": n_parameters}
+        misc.write_log(args, log_stats, log_writer)
+
+    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
+    print(f"Training time {total_time}")
+    if log_writer is not None:
+        log_writer.close()
+    misc.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    parser = get_args_parser()
+    parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
+    args = parser.parse_args()
+    try:
+        main(args)
+    except misc.NonFiniteLossError as err:
+        sys.exit(f"ERROR: {err}")

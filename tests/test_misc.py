@@ -1,0 +1,244 @@
+"""Unit tests of the training utilities: checkpoints, RNG state, metric logging, AMP scaler, schedules, LARS,
+layer-wise lr decay."""
+
+import argparse
+import io
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import models_vit
+import util.lr_decay as lrd
+import util.lr_sched as lr_sched
+import util.misc as misc
+from util.lars import LARS
+
+
+def tiny_args(tmp_path, **overrides):
+    args = misc.add_common_args(argparse.ArgumentParser()).parse_args(["--output_dir", str(tmp_path)])
+    args.epochs, args.save_every, args.distributed = 10, 3, False
+    vars(args).update(overrides)
+    return args
+
+
+def save(args, epoch, model=None, **kwargs):
+    model = model or torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = misc.NativeScaler(torch.device("cpu"), "none")
+    return misc.save_model(args, epoch, model, optimizer, scaler, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_is_plain_and_loads_with_weights_only(tmp_path):
+    args = tiny_args(tmp_path, mean=[0.5], model_kwargs=["depth=1"], some_path=tmp_path)
+    path = save(args, 0, extra={"max_accuracy": 12.5})
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert set(checkpoint) >= {"model", "optimizer", "scaler", "epoch", "args", "rng", "max_accuracy"}
+    assert isinstance(checkpoint["args"], dict) and not isinstance(checkpoint["args"], argparse.Namespace)
+    assert checkpoint["args"]["mean"] == [0.5] and checkpoint["args"]["some_path"] == str(tmp_path)
+    assert checkpoint["epoch"] == 0 and len(checkpoint["rng"]) == 1
+    assert misc.load_checkpoint(path)["max_accuracy"] == 12.5
+
+
+def test_save_every_and_final_epoch(tmp_path):
+    args = tiny_args(tmp_path)
+    for epoch in range(args.epochs):
+        save(args, epoch)
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["checkpoint-2.pth", "checkpoint-5.pth", "checkpoint-8.pth", "checkpoint-9.pth", "checkpoint-last.pth"]
+    assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["epoch"] == 9
+    assert torch.load(tmp_path / "checkpoint-5.pth", weights_only=True)["epoch"] == 5
+    assert not any(name.endswith(".tmp") for name in names)
+
+
+def test_atomic_save_failure_keeps_previous_file(tmp_path):
+    path = str(tmp_path / "checkpoint-last.pth")
+    misc.atomic_save({"epoch": 1}, path)
+    with pytest.raises(Exception):  # noqa: B017 - whatever pickling raises
+        misc.atomic_save({"epoch": 2, "bad": lambda: None}, path)
+    assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+
+
+def test_find_latest_checkpoint(tmp_path):
+    assert misc.find_latest_checkpoint(str(tmp_path)) is None
+    assert misc.find_latest_checkpoint(str(tmp_path / "missing")) is None
+    for name in ("checkpoint-2.pth", "checkpoint-10.pth", "checkpoint-11.pth.tmp", "checkpoint-best.pth"):
+        (tmp_path / name).write_bytes(b"")
+    assert misc.find_latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10.pth")
+    (tmp_path / "checkpoint-last.pth").write_bytes(b"")
+    assert misc.find_latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-last.pth")
+
+
+def test_load_model_restores_state_and_rng(tmp_path):
+    args = tiny_args(tmp_path)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    misc.save_model(args, 4, model, optimizer, misc.NativeScaler(torch.device("cpu"), "none"))
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+
+    fresh = torch.nn.Linear(3, 2)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    resume_args = tiny_args(tmp_path, auto_resume=True)
+    misc.load_model(resume_args, fresh, fresh_optimizer, misc.NativeScaler(torch.device("cpu"), "none"))
+    assert resume_args.start_epoch == 5 and resume_args.resume.endswith("checkpoint-last.pth")
+    assert torch.equal(fresh.weight, model.weight)
+    assert fresh_optimizer.state_dict()["state"][0]["step"] == 1
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_rng_state_round_trip_through_weights_only_pickle():
+    random.seed(1)
+    np.random.seed(1)  # noqa: NPY002 - the legacy global RNG is what the checkpoint stores
+    torch.manual_seed(1)
+    buffer = io.BytesIO()
+    torch.save(misc.get_rng_state(), buffer)
+    before = (torch.randn(2), np.random.randn(2), random.gauss(0, 1))  # noqa: NPY002
+    buffer.seek(0)
+    misc.set_rng_state(torch.load(buffer, weights_only=True))
+    after = (torch.randn(2), np.random.randn(2), random.gauss(0, 1))  # noqa: NPY002
+    assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]
+
+
+def test_unsafe_load_is_needed_for_pickled_objects(tmp_path):
+    path = str(tmp_path / "ns.pth")
+    torch.save({"args": argparse.Namespace(a=1)}, path)
+    with pytest.raises(RuntimeError, match="--unsafe_load"):
+        misc.load_checkpoint(path)
+    assert misc.load_checkpoint(path, unsafe=True)["args"].a == 1
+
+
+# ----------------------------------------------------------------------------------------------- logging
+
+
+def test_smoothed_value_and_metric_logger(capsys):
+    meter = misc.SmoothedValue(window_size=2)
+    for value in (1.0, 2.0, 6.0):
+        meter.update(value)
+    meter.update(3.0, n=3)
+    assert meter.median == 4.5 and meter.max == 6.0 and meter.value == 3.0
+    assert meter.global_avg == pytest.approx((1 + 2 + 6 + 9) / 6)
+
+    logger = misc.MetricLogger()
+    seen = list(logger.log_every(range(5), print_freq=2, header="Epoch: [3]"))
+    logger.update(loss=(2.0, 4), lr=torch.tensor(0.5))
+    assert seen == list(range(5)) and logger.loss.global_avg == 2.0 and logger.lr.value == 0.5
+    out = capsys.readouterr().out
+    assert out.count("Epoch: [3] [") == 3 and "eta: " in out and "Total time" in out
+
+
+def test_loss_tracker_reports_mean_and_first_bad_step():
+    tracker = misc.LossTracker(torch.device("cpu"), epoch=7)
+    for step, value in enumerate((1.0, 2.0, 3.0)):
+        tracker.update(torch.tensor(value), step)
+    assert tracker.flush() == (2.0, 3)
+    for step, value in ((3, 1.0), (4, math.nan), (5, math.inf)):
+        tracker.update(torch.tensor(value), step)
+    with pytest.raises(misc.NonFiniteLossError, match="epoch 7, step 4"):
+        tracker.flush()
+
+
+def test_parse_model_kwargs():
+    assert misc.parse_model_kwargs(["depth=2", "qkv_bias=False", "act=gelu", "r=0.5"]) == {
+        "depth": 2,
+        "qkv_bias": False,
+        "act": "gelu",
+        "r": 0.5,
+    }
+    with pytest.raises(argparse.ArgumentTypeError):
+        misc.parse_model_kwargs(["depth"])
+
+
+def test_float_list_flags():
+    parser = misc.add_common_args(argparse.ArgumentParser())
+    assert parser.parse_args(["--mean", "1,2", "3"]).mean == [1.0, 2.0, 3.0]
+    assert parser.parse_args(["--std", "0.5"]).std == [0.5]
+
+
+# ----------------------------------------------------------------------------------------------- AMP / optimisation
+
+
+def test_resolve_amp_defaults():
+    assert misc.resolve_amp(None, torch.device("cpu")) == "none"
+    assert misc.resolve_amp("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ValueError):
+        misc.resolve_amp("fp8", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_native_scaler_clips_and_accumulates(amp):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = misc.NativeScaler(torch.device("cpu"), amp)
+    x = torch.randn(8, 4) * 100
+    with misc.autocast(torch.device("cpu"), amp):
+        loss = model(x).float().pow(2).mean()
+    assert scaler(loss, optimizer, parameters=model.parameters(), update_grad=False) is None
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = scaler(loss.detach().requires_grad_(), optimizer, clip_grad=1.0, parameters=model.parameters())
+    expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
+    assert float(norm) == pytest.approx(float(expected), rel=1e-5)
+    clipped = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert float(clipped) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    args = argparse.Namespace(lr=1.0, min_lr=0.1, warmup_epochs=2, epochs=6)
+    group = {"params": [torch.nn.Parameter(torch.zeros(1))], "lr_scale": 0.5}
+    optimizer = torch.optim.SGD([group, {"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=0.0)
+    assert lr_sched.adjust_learning_rate(optimizer, 1.0, args) == pytest.approx(0.5)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.25, 0.5])
+    assert lr_sched.lr_at(2.0, args) == pytest.approx(1.0)
+    assert lr_sched.lr_at(4.0, args) == pytest.approx(0.55)
+    assert lr_sched.lr_at(6.0, args) == pytest.approx(0.1)
+
+
+def test_lars_semantics():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(3, 4))
+    bias = torch.nn.Parameter(torch.randn(3))
+    weight.grad, bias.grad = torch.randn(3, 4), torch.randn(3)
+    w0, b0 = weight.detach().clone(), bias.detach().clone()
+    LARS([weight, bias], lr=0.5, weight_decay=0.1, momentum=0.9).step()
+    update = weight.grad + 0.1 * w0
+    trust = 0.001 * w0.norm() / update.norm()
+    assert torch.allclose(weight, w0 - 0.5 * trust * update)
+    assert torch.allclose(bias, b0 - 0.5 * bias.grad)  # 1-D: no weight decay, no trust ratio
+
+
+# ----------------------------------------------------------------------------------------------- layer decay
+
+
+def test_layer_decay_groups():
+    depth, decay = 3, 0.5
+    model = models_vit.create_model(
+        "channelvit_tiny_patch16", img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, num_classes=5
+    )
+    groups = lrd.param_groups_lrd(model, 0.05, model.no_weight_decay(), decay)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    for name, param in model.named_parameters():
+        group = by_param[id(param)]
+        if name.split(".")[0] in ("cls_token", "pos_embed", "patch_embed", "channel_embed"):
+            layer_id = 0
+        elif name.startswith("blocks."):
+            layer_id = int(name.split(".")[1]) + 1
+        else:
+            layer_id = depth + 1
+        assert group["lr_scale"] == pytest.approx(decay ** (depth + 1 - layer_id)), name
+        no_decay = param.ndim == 1 or name in ("cls_token", "pos_embed", "channel_embed")
+        assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+    assert by_param[id(model.head.weight)]["lr_scale"] == 1.0
+    assert by_param[id(model.blocks[0].attn.qkv.bias)]["weight_decay"] == 0.0
+    assert by_param[id(model.blocks[0].norm1.weight)]["weight_decay"] == 0.0
