@@ -35,7 +35,7 @@ def hierarchical_channel_sampling(imgs, channel_ids):
     """
     C = imgs.shape[1]
     k = int(torch.randint(1, C + 1, ()))
-    keep = torch.randperm(C)[:k].to(imgs.device)
+    keep = torch.randperm(C, device=imgs.device)[:k]
     return imgs[:, keep], channel_ids[:, keep]
 
 
