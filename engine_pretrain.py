@@ -16,12 +16,15 @@ def train_one_epoch(
     log_writer=None,
     args=None,
     channel_ids: torch.Tensor | None = None,
+    progress: dict | None = None,
 ) -> dict:
     """Train for one epoch; returns the epoch averages ``{'loss': ..., 'lr': ...}``.
 
     Batches are (imgs (N, C, H, W), labels); labels are ignored. ``channel_ids`` (C,) names the input planes. The
     lr follows ``util.lr_sched`` per iteration (updated every ``args.accum_iter`` steps). Losses stay on the
     device between logging steps (see ``misc.LossTracker``); a NaN/inf loss raises ``misc.NonFiniteLossError``.
+    ``progress`` (of a checkpoint saved mid-epoch, ``misc.resume_progress``) continues the epoch at its step; a
+    stop signal (``misc.install_stop_handlers``) raises ``misc.TrainingStopped`` after an optimizer step.
     """
     model.train(True)
     metric_logger = misc.MetricLogger(delimiter="  ")
@@ -29,12 +32,13 @@ def train_one_epoch(
     header = f"Epoch: [{epoch}]"
     print_freq = args.print_freq
     accum_iter = args.accum_iter
-    num_steps = len(data_loader)
+    start_step = misc.restore_meters(metric_logger, progress)
+    num_steps = start_step + len(data_loader)
     tracker = misc.LossTracker(device, epoch)
     lr = optimizer.param_groups[0]["lr"]
 
     optimizer.zero_grad(set_to_none=True)
-    for step, (samples, _) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+    for step, (samples, _) in enumerate(metric_logger.log_every(data_loader, print_freq, header), start_step):
         if step % accum_iter == 0:
             lr = lr_sched.adjust_learning_rate(optimizer, epoch + step / num_steps, args)
         samples = samples.to(device, non_blocking=True)
@@ -60,6 +64,8 @@ def train_one_epoch(
                 epoch_1000x = int((epoch + (step + 1) / num_steps) * 1000)
                 log_writer.add_scalar("train_loss", loss_value, epoch_1000x)
                 log_writer.add_scalar("lr", lr, epoch_1000x)
+        if update and step + 1 < num_steps:  # a stop at the last step is handled once the epoch is saved
+            misc.stop_if_requested(epoch, step, tracker, metric_logger, data_loader.batch_size)
 
     stats = {name: meter.global_avg for name, meter in metric_logger.meters.items()}
     print("Averaged stats:", metric_logger)

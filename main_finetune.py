@@ -9,7 +9,6 @@ import argparse
 import datetime
 import json
 import os
-import sys
 import time
 
 import torch
@@ -22,7 +21,7 @@ import models_vit
 import util.lr_decay as lrd
 import util.misc as misc
 from engine_finetune import evaluate, train_one_epoch
-from util.datasets import build_dataset
+from util.datasets import DatasetError, build_dataset
 from util.pos_embed import interpolate_pos_embed
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -92,23 +91,13 @@ def get_args_parser():
     return parser
 
 
-def strip_prefixes(state_dict: dict) -> dict:
-    """Drop the 'module.' (DDP) and '_orig_mod.' (torch.compile) key prefixes."""
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.removeprefix(prefix)
-        out[key] = value
-    return out
-
-
 def load_state_dict_from(path: str, args) -> dict:
     """The model state dict of a checkpoint file: our format or MAE's ({'model': state_dict}), or a bare one."""
     checkpoint = misc.load_checkpoint(path, unsafe=args.unsafe_load)
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{path} holds no model state dict (expected a dict of tensors under 'model')")
-    return strip_prefixes(state_dict)
+        raise misc.CheckpointError(f"{path} holds no model state dict (expected a dict of tensors under 'model')")
+    return misc.strip_prefixes(state_dict)
 
 
 def build_model(args, dataset, reference_state: dict | None = None, **overrides):
@@ -148,13 +137,12 @@ def load_pretrained(model, state_dict: dict, path: str = ""):
         print(f"Adapting {key} from {state_dict[key].shape[1]} to {model_state[key].shape[1]} input planes")
         state_dict[key] = adapt_input_conv(model_state[key].shape[1], state_dict[key])
     interpolate_pos_embed(model, state_dict)
-    msg = model.load_state_dict(state_dict, strict=False)
-    print(f"missing keys: {msg.missing_keys}\nunexpected keys: {msg.unexpected_keys}")
     allowed = set(HEAD_KEYS)
     if "channel_embed" not in state_dict:
         allowed.add("channel_embed")
-    unexpected_missing = set(msg.missing_keys) - allowed
-    assert not unexpected_missing, f"checkpoint lacks encoder weights: {sorted(unexpected_missing)}"
+    misc.check_state_dict(model, state_dict, path or "the pretrained checkpoint", allowed, allow_unexpected=True)
+    msg = model.load_state_dict(state_dict, strict=False)
+    print(f"missing keys: {msg.missing_keys}\nunexpected keys: {msg.unexpected_keys}")
     if "head.weight" in msg.missing_keys:
         trunc_normal_(model.head.weight, std=2e-5)
     return msg
@@ -198,6 +186,7 @@ def fit(args, model, model_without_ddp, eval_model, criterion, optimizer, loss_s
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     checkpoint = misc.load_model(args, model_without_ddp, optimizer, loss_scaler)
     max_accuracy = checkpoint.get("max_accuracy", 0.0) if checkpoint and not args.eval else 0.0
+    progress = misc.resume_progress(checkpoint, args)
 
     if args.eval:
         test_stats = evaluate(data_loader_val, eval_model, device, args, channel_ids)
@@ -207,32 +196,42 @@ def fit(args, model, model_without_ddp, eval_model, criterion, optimizer, loss_s
         return test_stats
 
     log_writer = misc.open_log_writer(args)
+    misc.install_stop_handlers()
     print(f"Start training for {args.epochs} epochs")
     test_stats = {}
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
-        misc.set_loader_epoch(data_loader_train, epoch, args)
-        train_stats = train_one_epoch(
-            model,
-            criterion,
-            data_loader_train,
-            optimizer,
-            device,
-            epoch,
-            loss_scaler,
-            args.clip_grad,
-            mixup_fn,
-            log_writer=log_writer,
-            args=args,
-            channel_ids=channel_ids,
-        )
+        misc.set_loader_epoch(data_loader_train, epoch, args, progress)
+        try:
+            train_stats = train_one_epoch(
+                model,
+                criterion,
+                data_loader_train,
+                optimizer,
+                device,
+                epoch,
+                loss_scaler,
+                args.clip_grad,
+                mixup_fn,
+                log_writer=log_writer,
+                args=args,
+                channel_ids=channel_ids,
+                progress=progress,
+            )
+        except misc.TrainingStopped as stop:  # SIGTERM / SIGUSR1: save mid-epoch, then exit (misc.run_main)
+            extra = {"max_accuracy": max_accuracy, misc.PROGRESS_KEY: stop.progress}
+            stop.checkpoint = misc.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra, tag="last")
+            if log_writer is not None:
+                log_writer.flush()
+            raise
+        progress = None
         test_stats = evaluate(data_loader_val, eval_model, device, args, channel_ids)
         log_eval(test_stats)
         improved = test_stats["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats["acc1"])
         print(f"Max accuracy: {max_accuracy:.2f}%")
         extra = {"max_accuracy": max_accuracy, "test_acc1": test_stats["acc1"]}
-        misc.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra)
+        path = misc.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra)
         if improved:
             misc.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra, tag="best")
 
@@ -245,13 +244,16 @@ def fit(args, model, model_without_ddp, eval_model, criterion, optimizer, loss_s
             **{f"test_{k}": v for k, v in test_stats.items()},
             "epoch": epoch,
             "n_parameters": n_parameters,
+            **misc.skip_stats(data[0]),
         }
         misc.write_log(args, log_stats, log_writer)
+        misc.stop_after_epoch(args, epoch, path)
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total_time}")
     if log_writer is not None:
         log_writer.close()
+    misc.restore_stop_handlers()
     misc.cleanup_distributed()
     return test_stats
 
@@ -308,7 +310,4 @@ if __name__ == "__main__":
     parser = get_args_parser()
     parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
     args = parser.parse_args()
-    try:
-        main(args)
-    except misc.NonFiniteLossError as err:
-        sys.exit(f"ERROR: {err}")
+    misc.run_main(main, args, errors=(DatasetError,))

@@ -6,13 +6,13 @@ tokens), base lr 0.1 scaled by effective batch / 256, no weight decay, no mixup,
 
 import argparse
 import os
-import sys
 
 import torch
 from timm.layers import trunc_normal_
 
 import util.misc as misc
 from main_finetune import add_model_args, build_data, build_model_for_checkpoints, fit, load_pretrained
+from util.datasets import DatasetError
 from util.lars import LARS
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -85,7 +85,4 @@ if __name__ == "__main__":
     parser = get_args_parser()
     parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
     args = parser.parse_args()
-    try:
-        main(args)
-    except misc.NonFiniteLossError as err:
-        sys.exit(f"ERROR: {err}")
+    misc.run_main(main, args, errors=(DatasetError,))

@@ -7,7 +7,6 @@ else on the CPU, writing checkpoints, ``log.txt`` (one JSON line per epoch) and 
 import argparse
 import datetime
 import os
-import sys
 import time
 
 import timm.optim
@@ -16,7 +15,7 @@ import torch
 import models_chamae
 import util.misc as misc
 from engine_pretrain import train_one_epoch
-from util.datasets import build_pretrain_dataset
+from util.datasets import DatasetError, build_pretrain_dataset
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -109,23 +108,35 @@ def main(args):
     if args.compile:
         model = torch.compile(model)
 
-    misc.load_model(args, model_without_ddp, optimizer, loss_scaler)
+    checkpoint = misc.load_model(args, model_without_ddp, optimizer, loss_scaler)
+    progress = misc.resume_progress(checkpoint, args)
 
+    misc.install_stop_handlers()
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
-        misc.set_loader_epoch(data_loader_train, epoch, args)
-        train_stats = train_one_epoch(
-            model, data_loader_train, optimizer, device, epoch, loss_scaler, log_writer, args, channel_ids
-        )
-        misc.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
+        misc.set_loader_epoch(data_loader_train, epoch, args, progress)
+        try:
+            train_stats = train_one_epoch(
+                model, data_loader_train, optimizer, device, epoch, loss_scaler, log_writer, args, channel_ids, progress
+            )
+        except misc.TrainingStopped as stop:  # SIGTERM / SIGUSR1: save mid-epoch, then exit (misc.run_main)
+            extra = {misc.PROGRESS_KEY: stop.progress}
+            stop.checkpoint = misc.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra, tag="last")
+            if log_writer is not None:
+                log_writer.flush()
+            raise
+        progress = None
+        path = misc.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch, "n_parameters": n_parameters}
-        misc.write_log(args, log_stats, log_writer)
+        misc.write_log(args, {**log_stats, **misc.skip_stats(dataset_train)}, log_writer)
+        misc.stop_after_epoch(args, epoch, path)
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total_time}")
     if log_writer is not None:
         log_writer.close()
+    misc.restore_stop_handlers()
     misc.cleanup_distributed()
 
 
@@ -133,7 +144,4 @@ if __name__ == "__main__":
     parser = get_args_parser()
     parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
     args = parser.parse_args()
-    try:
-        main(args)
-    except misc.NonFiniteLossError as err:
-        sys.exit(f"ERROR: {err}")
+    misc.run_main(main, args, errors=(DatasetError,))

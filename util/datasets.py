@@ -37,9 +37,10 @@ working.
 Validation: every file's header (shape and dtype, no pixel decoding, plus a truncation check for TIFF, PNG
 and NPY) is read when the dataset is built, so a missing, corrupt or mismatched file fails before training
 with a ``DatasetError`` naming the file, CSV line or flag. Samples must share their channel count and,
-unless ``--allow_mixed_sizes``, their height and width. With ``--skip_bad_samples`` corrupt files are dropped
-at build time and a file that fails to decode later is replaced by the next sample and counted in
-``dataset.num_skipped`` (per process: each DataLoader worker counts its own).
+unless ``--allow_mixed_sizes``, their height and width; pixels must be bool, integer or float. With
+``--skip_bad_samples`` corrupt files are dropped at build time (counted in ``dataset.num_dropped``) and a file
+that fails to decode later is replaced by the next sample and counted in ``dataset.num_skipped`` (a counter
+shared by the process and its DataLoader workers).
 """
 
 import argparse
@@ -47,6 +48,7 @@ import csv
 import json
 import logging
 import math
+import multiprocessing
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +77,7 @@ HEADER_THREADS = 16
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # IHDR colour type -> decoded channels
 PIL_CONVERT = {"1": "L", "P": "RGB", "PA": "RGBA", "YCbCr": "RGB"}
+PIXEL_DTYPE_KINDS = "biuf"  # numpy dtype kinds accepted as pixels: bool, signed and unsigned integers, floats
 PIL_DTYPES = {"I;16": "uint16", "I;16L": "uint16", "I;16B": "uint16", "I;16N": "uint16", "I": "int32", "F": "float32"}
 
 
@@ -435,6 +438,15 @@ def _check_same_shape(shape, first, files, expected, mixed_sizes):
         )
 
 
+def _header_problem(path, header):
+    """The error of one file: its header could not be read, or its pixels are not numbers (complex, text...)."""
+    if isinstance(header, Exception):
+        return header
+    if header.dtype.kind not in PIXEL_DTYPE_KINDS:
+        return DatasetError(f"{path} has pixels of dtype {header.dtype}; expected bool, integer or float pixels")
+    return None
+
+
 def _validate(samples, args, source):
     """Read every file header; return (kept samples, (C, H, W) of the first sample, set of dtype names)."""
     skip = getattr(args, "skip_bad_samples", False)
@@ -444,7 +456,7 @@ def _validate(samples, args, source):
     kept, first, expected, dtypes = [], None, None, set()
     for files, label in samples:
         sample_headers = [headers[path] for path in _as_list(files)]
-        errors = [h for h in sample_headers if isinstance(h, Exception)]
+        errors = [e for e in map(_header_problem, _as_list(files), sample_headers) if e is not None]
         if errors and not skip:
             raise errors[0]
         if errors:
@@ -773,7 +785,17 @@ class MultiChannelDataset(torch.utils.data.Dataset):
         self.dtypes = set(dtypes)
         self.channel_names = channel_names
         self.skip_bad_samples = skip_bad_samples
-        self.num_skipped = 0
+        self.num_dropped = 0  # samples left out at build time by skip_bad_samples (set by _build)
+        self._num_skipped = multiprocessing.Value("q", 0)  # shared with the DataLoader workers
+
+    @property
+    def num_skipped(self):
+        """Samples replaced because their file failed to decode, by this process and its DataLoader workers."""
+        return self._num_skipped.value
+
+    @num_skipped.setter
+    def num_skipped(self, value):
+        self._num_skipped.value = value
 
     def __len__(self):
         return len(self.samples)
@@ -799,7 +821,8 @@ class MultiChannelDataset(torch.utils.data.Dataset):
             except CorruptFileError as e:
                 if not self.skip_bad_samples:
                     raise
-                self.num_skipped += 1
+                with self._num_skipped.get_lock():
+                    self._num_skipped.value += 1
                 logger.warning("replacing sample %d: %s", index, e)
                 index = (index + 1) % len(self.samples)
         else:
@@ -812,6 +835,7 @@ def _build(samples, classes, csv_names, path, args, *, train, pretrain, stats_sa
     """Validate samples and attach channel selection, normalisation and transform; stats_samples feed estimates."""
     skip = getattr(args, "skip_bad_samples", False)
     stats_dir = _stats_dir(path)
+    num_listed = len(samples)
     samples, shape, dtypes = _validate(samples, args, f"--data_path {path}")
     ids = _channel_ids(args, shape[0])
 
@@ -822,7 +846,7 @@ def _build(samples, classes, csv_names, path, args, *, train, pretrain, stats_sa
     uint8_rgb = len(ids) == 3 and dtypes == {"uint8"}
     transform = build_transform(train, args, pretrain, mean=mean, std=std, uint8_rgb=uint8_rgb)
     names = _channel_names(stats_dir, csv_names, shape[0])
-    return MultiChannelDataset(
+    dataset = MultiChannelDataset(
         samples,
         classes,
         ids,
@@ -832,6 +856,8 @@ def _build(samples, classes, csv_names, path, args, *, train, pretrain, stats_sa
         channel_names=names,
         skip_bad_samples=skip,
     )
+    dataset.num_dropped = num_listed - len(samples)
+    return dataset
 
 
 def build_dataset(is_train, args):

@@ -329,6 +329,9 @@ class LossTracker:
 # --------------------------------------------------------------------------------------------------------------
 # user-facing errors and stop signals (preemption)
 
+MAX_LISTED = 10
+"""How many mismatched keys of each kind a ``CheckpointMismatchError`` lists."""
+
 
 class RunError(RuntimeError):
     """A problem the user can act on (a checkpoint, the output directory, a flag); ``run_main`` prints it as
@@ -743,29 +746,80 @@ def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, extr
         "rng": rng,
         **(extra or {}),
     }
-    os.makedirs(args.output_dir, exist_ok=True)
-    if tag is not None:
-        path = os.path.join(args.output_dir, f"checkpoint-{tag}.pth")
+    path = os.path.join(args.output_dir, f"checkpoint-{'last' if tag is None else tag}.pth")
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
         atomic_save(checkpoint, path)
-        return path
-    path = os.path.join(args.output_dir, "checkpoint-last.pth")
-    atomic_save(checkpoint, path)
-    save_every = getattr(args, "save_every", 0) or 0
-    if (save_every > 0 and (epoch + 1) % save_every == 0) or epoch + 1 == args.epochs:
-        _atomic_link_or_copy(path, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+        save_every = getattr(args, "save_every", 0) or 0
+        if tag is None and ((save_every > 0 and (epoch + 1) % save_every == 0) or epoch + 1 == args.epochs):
+            _atomic_link_or_copy(path, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+    except OSError as err:
+        raise OutputError(
+            f"could not save the checkpoint of epoch {epoch}: {err}. The checkpoints already in {args.output_dir} "
+            "are intact; free some space (or fix --output_dir) and continue with --auto_resume"
+        ) from err
     return path
 
 
 def load_checkpoint(path: str, unsafe: bool = False) -> dict:
-    """Load a checkpoint onto the CPU; ``weights_only=True`` unless ``unsafe`` (full unpickling, trusted files)."""
+    """Load a checkpoint onto the CPU; ``weights_only=True`` unless ``unsafe`` (full unpickling, trusted files).
+
+    ``argparse.Namespace`` is allowed as well: the published fine-tuned MAE checkpoints store their ``'args'`` as one
+    (it holds plain values only). Raises ``CheckpointError`` for a missing or unreadable file, and for one holding
+    pickled objects other than tensors and plain values (refused without ``unsafe``: unpickling them could run
+    arbitrary code).
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=not unsafe)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=not unsafe)
     except Exception as err:
-        if unsafe or "weights_only" not in str(err):
-            raise
-        raise RuntimeError(
-            f"{path} holds objects other than tensors and plain values; if you trust the file, pass --unsafe_load"
-        ) from err
+        if not unsafe and "weights_only" in str(err):
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
+            what = f" (it contains a pickled {found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"{path} holds objects other than tensors and plain values{what}, so torch.load(weights_only=True) "
+                "refused it: unpickling them could run arbitrary code. If you trust the file, pass --unsafe_load"
+            ) from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot read the checkpoint {path}: {reason}") from err
+
+
+def strip_prefixes(state_dict: dict) -> dict:
+    """Drop the 'module.' (DDP) and '_orig_mod.' (torch.compile) key prefixes."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        out[key] = value
+    return out
+
+
+def check_state_dict(model, state_dict: dict, source: str, allow_missing=(), allow_unexpected: bool = False):
+    """Raise ``CheckpointMismatchError`` unless ``state_dict`` fits ``model``.
+
+    Compares keys and tensor shapes; keys in ``allow_missing`` may be absent, extra keys are allowed with
+    ``allow_unexpected``. The message lists up to ``MAX_LISTED`` problems of each kind.
+    """
+    own = model.state_dict()
+    shapes = [
+        f"{key}: checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)}"
+        for key, value in state_dict.items()
+        if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape)
+    ]
+    missing = [key for key in own if key not in state_dict and key not in set(allow_missing)]
+    unexpected = [] if allow_unexpected else [key for key in state_dict if key not in own]
+    if not (shapes or missing or unexpected):
+        return
+    lines = [f"{source} does not fit the model ({type(model).__name__}):"]
+    for title, items in (("shape mismatches", shapes), ("missing keys", missing), ("unexpected keys", unexpected)):
+        if items:
+            more = f" (first {MAX_LISTED} shown)" if len(items) > MAX_LISTED else ""
+            lines += [f"  {len(items)} {title}{more}:"] + [f"    {item}" for item in items[:MAX_LISTED]]
+    lines.append(
+        "It was written for another model, size or channel count: check --model, --model_kwargs, --patch_size, "
+        "--input_size and the data's channels (--channels / --in_chans) against the run that wrote it."
+    )
+    raise CheckpointMismatchError("\n".join(lines))
 
 
 def find_latest_checkpoint(output_dir: str) -> str | None:
@@ -795,21 +849,32 @@ def resolve_resume(args) -> str:
 def load_model(args, model_without_ddp, optimizer=None, loss_scaler=None) -> dict | None:
     """Resume from ``args.resume`` (or, with ``args.auto_resume``, the newest checkpoint in ``args.output_dir``).
 
-    Restores the model and, unless ``args.eval``, the optimizer, scaler, ``args.start_epoch`` (= saved epoch + 1)
-    and this process's RNG states, so call it after everything that draws random numbers at start-up.
-    Returns the checkpoint dict (None when there is nothing to resume).
+    Restores the model and, unless ``args.eval``, the optimizer, scaler, ``args.start_epoch`` (= saved epoch + 1;
+    the saved epoch itself for a mid-epoch checkpoint, see ``resume_progress``) and this process's RNG states, so
+    call it after everything that draws random numbers at start-up. A checkpoint that does not fit raises
+    ``CheckpointMismatchError``. Returns the checkpoint dict (None when there is nothing to resume).
     """
     if not resolve_resume(args):
         return None
     checkpoint = load_checkpoint(args.resume, unsafe=getattr(args, "unsafe_load", False))
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+        raise CheckpointError(f"{args.resume} is not a training checkpoint (no 'model' state dict)")
+    check_state_dict(model_without_ddp, checkpoint["model"], args.resume)
     model_without_ddp.load_state_dict(checkpoint["model"])
     print(f"Resume checkpoint {args.resume}")
     if getattr(args, "eval", False) or checkpoint.get("optimizer") is None or "epoch" not in checkpoint:
         return checkpoint
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (ValueError, KeyError) as err:
+        raise CheckpointMismatchError(
+            f"{args.resume}: its optimizer state does not fit this run's optimizer ({err}); it was written by "
+            "another script or optimizer setup. To start from its weights only, pass it to --finetune"
+        ) from err
     if loss_scaler is not None and checkpoint.get("scaler") is not None:
         loss_scaler.load_state_dict(checkpoint["scaler"])
-    args.start_epoch = checkpoint["epoch"] + 1
+    # a checkpoint saved on a stop signal mid-epoch continues that epoch (see resume_progress)
+    args.start_epoch = checkpoint["epoch"] + (0 if checkpoint.get(PROGRESS_KEY) else 1)
     rng = checkpoint.get("rng")
     rank = get_rank()
     if rng is not None and len(rng) == get_world_size():
@@ -897,7 +962,8 @@ def add_common_args(parser: argparse.ArgumentParser):
 
 
 def setup_run(args) -> torch.device:
-    """Join the process group, pick the device and AMP mode, seed (seed + rank), create output dirs."""
+    """Join the process group, pick the device and AMP mode, seed (seed + rank), create the output dirs and check
+    that they are writable (``OutputError`` before any training otherwise)."""
     init_distributed_mode(args)
     if args.log_dir is None:
         args.log_dir = args.output_dir
@@ -905,12 +971,46 @@ def setup_run(args) -> torch.device:
     args.amp = resolve_amp(args.amp, device)
     seed_everything(args.seed + get_rank())
     if is_main_process():
-        for path in (args.output_dir, args.log_dir):
+        for flag, path in (("--output_dir", args.output_dir), ("--log_dir", args.log_dir)):
             if path:
-                os.makedirs(path, exist_ok=True)
+                check_writable(path, flag)
     print(f"job dir: {os.path.dirname(os.path.dirname(os.path.realpath(__file__)))}")
     print(json.dumps(args_to_dict(args), indent=1))
     return device
+
+
+def check_writable(path: str, flag: str = "--output_dir"):
+    """Create ``path`` if needed, then write, fsync and delete a small file in it; ``OutputError`` if that fails."""
+    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(bytes(4096))
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as err:
+        raise OutputError(f"{flag} {path} is not a writable directory: {err}") from err
+
+
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """``DistributedSampler`` that can begin an epoch part-way: it skips the first ``start`` indices of this
+    process's shard (set by ``set_loader_epoch`` when resuming a mid-epoch checkpoint)."""
+
+    start = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+def _worker_ignores_stop_signals(worker_id: int):
+    """DataLoader ``worker_init_fn``: leave SIGTERM/SIGUSR1 to the main process, which saves and then ends the
+    workers (Slurm and ``kill -- -pgid`` signal every process, and a worker killed by them would fail the loader)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -931,11 +1031,10 @@ def build_train_loader(dataset, args, drop_last: bool = True):
     """Shuffling loader whose order depends only on (seed, epoch): call ``set_loader_epoch`` before each epoch.
 
     The order comes from a ``DistributedSampler`` (also with one process) and worker seeds from the loader's own
-    generator, so neither draws from the global RNG.
+    generator, so neither draws from the global RNG. Too few samples for one batch per process, or for one
+    optimizer step of ``--accum_iter`` batches, raise ``RunError``.
     """
-    sampler = torch.utils.data.DistributedSampler(
-        dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True, seed=args.seed
-    )
+    sampler = EpochSampler(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True, seed=args.seed)
     loader = torch.utils.data.DataLoader(
         dataset,
         sampler=sampler,
@@ -944,18 +1043,27 @@ def build_train_loader(dataset, args, drop_last: bool = True):
         pin_memory=args.pin_mem and str(args.device).startswith("cuda"),
         drop_last=drop_last,
         generator=torch.Generator(),
+        worker_init_fn=_worker_ignores_stop_signals,
     )
     if len(loader) == 0:
-        raise ValueError(
-            f"{len(dataset)} training samples give no full batch of {args.batch_size} per process "
+        raise RunError(
+            f"{len(dataset)} training samples give no full batch of --batch_size {args.batch_size} per process "
             f"on {get_world_size()} process(es); lower --batch_size"
+        )
+    accum_iter = getattr(args, "accum_iter", 1)
+    if len(loader) < accum_iter:
+        raise RunError(
+            f"an epoch has {len(loader)} batches of --batch_size {args.batch_size} ({len(dataset)} samples, "
+            f"{get_world_size()} process(es)), fewer than --accum_iter {accum_iter}: no optimizer step would be taken"
         )
     return loader
 
 
-def set_loader_epoch(loader, epoch: int, args):
-    """Seed the shuffling and the worker RNGs of ``loader`` for ``epoch``."""
+def set_loader_epoch(loader, epoch: int, args, progress: dict | None = None):
+    """Seed the shuffling and the worker RNGs of ``loader`` for ``epoch``; with the ``progress`` of a mid-epoch
+    checkpoint (``resume_progress``) the epoch starts after the batches it had done."""
     loader.sampler.set_epoch(epoch)
+    loader.sampler.start = progress["step"] * loader.batch_size if progress else 0
     loader.generator.manual_seed(epoch_seed(args.seed, epoch, get_rank()))
 
 
@@ -975,6 +1083,7 @@ def build_eval_loader(dataset, args):
         pin_memory=args.pin_mem and str(args.device).startswith("cuda"),
         drop_last=False,
         generator=generator,
+        worker_init_fn=_worker_ignores_stop_signals,
     )
 
 
@@ -1038,5 +1147,18 @@ def write_log(args, stats: dict, log_writer=None):
     if log_writer is not None:
         log_writer.flush()
     if is_main_process() and args.output_dir:
-        with open(os.path.join(args.output_dir, "log.txt"), mode="a", encoding="utf-8") as f:
-            f.write(json.dumps(stats) + "\n")
+        path = os.path.join(args.output_dir, "log.txt")
+        try:
+            with open(path, mode="a", encoding="utf-8") as f:
+                f.write(json.dumps(stats) + "\n")
+        except OSError as err:
+            raise OutputError(f"could not append to {path}: {err}") from err
+
+
+def skip_stats(dataset) -> dict:
+    """With ``--skip_bad_samples``, for log.txt: the files dropped when ``dataset`` was built and the samples
+    replaced since because they failed to decode (summed over processes and their DataLoader workers)."""
+    if not getattr(dataset, "skip_bad_samples", False):
+        return {}
+    replaced = all_reduce_mean(float(dataset.num_skipped)) * get_world_size()
+    return {"skipped_files": getattr(dataset, "num_dropped", 0), "replaced_samples": round(replaced)}
