@@ -51,7 +51,13 @@ def test_save_every_and_final_epoch(tmp_path):
     for epoch in range(args.epochs):
         save(args, epoch)
     names = sorted(os.listdir(tmp_path))
-    assert names == ["checkpoint-2.pth", "checkpoint-5.pth", "checkpoint-8.pth", "checkpoint-9.pth", "checkpoint-last.pth"]
+    assert names == [
+        "checkpoint-2.pth",
+        "checkpoint-5.pth",
+        "checkpoint-8.pth",
+        "checkpoint-9.pth",
+        "checkpoint-last.pth",
+    ]
     assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["epoch"] == 9
     assert torch.load(tmp_path / "checkpoint-5.pth", weights_only=True)["epoch"] == 5
     assert not any(name.endswith(".tmp") for name in names)
@@ -84,7 +90,7 @@ def test_load_model_restores_state_and_rng(tmp_path):
     model(torch.randn(4, 3)).sum().backward()
     optimizer.step()
     misc.save_model(args, 4, model, optimizer, misc.NativeScaler(torch.device("cpu"), "none"))
-    expected = (torch.rand(3), np.random.rand(3), random.random())
+    expected = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002 (the global RNG is restored)
 
     fresh = torch.nn.Linear(3, 2)
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
@@ -93,7 +99,7 @@ def test_load_model_restores_state_and_rng(tmp_path):
     assert resume_args.start_epoch == 5 and resume_args.resume.endswith("checkpoint-last.pth")
     assert torch.equal(fresh.weight, model.weight)
     assert fresh_optimizer.state_dict()["state"][0]["step"] == 1
-    got = (torch.rand(3), np.random.rand(3), random.random())
+    got = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
 
 

@@ -19,7 +19,15 @@ import models_mae
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENCODER = ["--input_size", "32", "--patch_size", "8", "--num_workers", "0"]
 TINY_ENCODER = ["--model_kwargs", "embed_dim=64", "depth=1", "num_heads=2"]
-TINY_MAE = [*ENCODER, "--batch_size", "16", *TINY_ENCODER, "decoder_embed_dim=64", "decoder_depth=1", "decoder_num_heads=2"]
+TINY_MAE = [
+    *ENCODER,
+    "--batch_size",
+    "16",
+    *TINY_ENCODER,
+    "decoder_embed_dim=64",
+    "decoder_depth=1",
+    "decoder_num_heads=2",
+]
 TINY_VIT = [*ENCODER, "--batch_size", "20", *TINY_ENCODER]
 PRETRAIN_EPOCHS = 8
 
@@ -86,7 +94,11 @@ def test_pretrain_outputs_and_learning(pretrained):
     assert [entry["epoch"] for entry in log] == list(range(PRETRAIN_EPOCHS))
     assert {"train_loss", "train_lr", "n_parameters"} <= set(log[0])
     names = sorted(os.listdir(output_dir))
-    assert [n for n in names if n.startswith("checkpoint")] == ["checkpoint-3.pth", "checkpoint-7.pth", "checkpoint-last.pth"]
+    assert [n for n in names if n.startswith("checkpoint")] == [
+        "checkpoint-3.pth",
+        "checkpoint-7.pth",
+        "checkpoint-last.pth",
+    ]
     assert {"train_loss", "lr"} <= tensorboard_tags(output_dir)
     checkpoint = torch.load(output_dir / "checkpoint-last.pth", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == PRETRAIN_EPOCHS - 1 and checkpoint["args"]["model"] == "chamae_vit_tiny_patch16"
@@ -189,7 +201,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert "ERROR: Loss is not finite at epoch 1, step 0; stopping training." in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sha256(output_dir / "checkpoint-last.pth") == before
-    assert sorted(os.listdir(output_dir)) == sorted(["checkpoint-0.pth", "checkpoint-last.pth", "log.txt"] + [
-        n for n in os.listdir(output_dir) if n.startswith("events.out")
-    ])
+    assert sorted(os.listdir(output_dir)) == sorted(
+        ["checkpoint-0.pth", "checkpoint-last.pth", "log.txt"]
+        + [n for n in os.listdir(output_dir) if n.startswith("events.out")]
+    )
     assert torch.load(output_dir / "checkpoint-last.pth", weights_only=True)["epoch"] == 0
