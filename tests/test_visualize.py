@@ -1,0 +1,243 @@
+"""Reconstruction grids (util/vis.py), visualize.py, checkpoint loading (util/checkpoint_io.py), plot_logs.py."""
+
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import models_chamae
+import plot_logs
+import visualize
+from util.checkpoint_io import eval_dataset, model_from_checkpoint
+from util.vis import (
+    PANELS,
+    GridLayout,
+    auto_scale,
+    fixed_batch,
+    log_reconstructions,
+    reconstruct,
+    reconstruction_grid,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+IHC = ROOT / "sample_data" / "ihc"
+DIGITS = ROOT / "sample_data" / "digits"
+TINY = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+TINY_KWARGS = [f"{k}={v}" for k, v in TINY.items()]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train an order of magnitude faster on one thread when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(name="chamae_vit_tiny_patch16", in_chans=6, img_size=64, **kwargs):
+    return models_chamae.create_model(name, img_size=img_size, patch_size=8, in_chans=in_chans, **{**TINY, **kwargs})
+
+
+def save_ours(model, path, name, input_size, data_path, **extra_args):
+    """A checkpoint laid out as util.misc.save_model writes it."""
+    args = dict(model=name, input_size=input_size, patch_size=8, model_kwargs=TINY_KWARGS, data_path=str(data_path))
+    torch.save({"model": model.state_dict(), "args": {**args, **extra_args}, "epoch": 0}, path)
+    return str(path)
+
+
+def train(model, imgs, steps, lr=2e-3, batch_size=16, seed=0):
+    torch.manual_seed(seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95))
+    for _ in range(steps):
+        batch = imgs[torch.randint(0, len(imgs), (batch_size,))]
+        loss, _, _ = model(batch, mask_ratio=0.75)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def layout_size(n, rows, tile, labels=True):
+    layout = GridLayout(n, rows, tile, tile, labels=labels)
+    return layout.height, layout.width
+
+
+@pytest.mark.parametrize("C,rgb,rows", [(6, None, 6), (3, "auto", 4), (6, (0, 1, 2), 7), (1, "auto", 1)])
+@pytest.mark.parametrize("labels", [True, False])
+def test_grid_size(C, rgb, rows, labels):
+    model = tiny(in_chans=C, img_size=32)
+    grid, mse = reconstruction_grid(model, torch.randn(2, C, 32, 32), rgb=rgb, labels=labels)
+    assert grid.dtype == np.uint8 and grid.shape == (*layout_size(2, rows, 32 * auto_scale(32), labels), 3)
+    assert len(mse) == C and all(np.isfinite(mse))
+
+
+def test_grid_layout_geometry():
+    layout = GridLayout(samples=2, rows=3, tile_h=64, tile_w=48, labels=False, gap=2, sample_gap=6)
+    assert layout.width == 2 + len(PANELS) * (48 + 2)
+    assert layout.height == 2 + 6 * (64 + 2) + 6
+    assert layout.origin(1, 0, 1) == (2 + 50, 2 + 3 * 66 + 6)
+
+
+@pytest.mark.parametrize("name,C", [("mae_vit_tiny_patch16", 3), ("chamae_vit_tiny_patch16", 4)])
+def test_masked_mse_equals_model_loss(name, C):
+    """Without norm_pix_loss the pixel-weighted mean of the per-channel MSEs is the model's loss (same mask)."""
+    model = tiny(name, in_chans=C, img_size=32).eval()
+    imgs = torch.randn(3, C, 32, 32)
+    result = reconstruct(model, imgs, mask_ratio=0.75, seed=5)
+    torch.manual_seed(5)
+    loss, _, mask = model(imgs, mask_ratio=0.75)
+    counts = result["masked"].sum(dim=(0, 2, 3)).double()
+    assert torch.allclose((result["channel_mse"].double() * counts).sum() / counts.sum(), loss.double(), rtol=1e-5)
+    assert result["masked"].float().mean() == pytest.approx(mask.mean().item())
+    visible = ~result["masked"]
+    assert torch.equal(result["pasted"][visible], imgs[visible])
+
+
+def test_norm_pix_predictions_are_unnormalised(monkeypatch):
+    """A perfect prediction of the normalised target patches reconstructs the image itself."""
+    model = tiny(in_chans=2, img_size=32, norm_pix_loss=True).eval()
+    imgs = torch.randn(2, 2, 32, 32) * 3 + 1
+
+    def perfect(latent, ids_restore, channel_ids=None, decode_ratio=1.0):
+        target = model.patchify(imgs)
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+        return target, torch.ones(target.shape[:2])
+
+    monkeypatch.setattr(model, "forward_decoder", perfect)
+    result = reconstruct(model, imgs, mask_ratio=0.5)
+    assert torch.allclose(result["recon"], imgs, atol=1e-4)
+    assert result["channel_mse"].max() < 1e-8
+
+
+def test_cross_decoder_marks_unpredicted_pixels():
+    model = tiny(in_chans=2, img_size=32, decoder="cross")
+    result = reconstruct(model, torch.randn(2, 2, 32, 32), mask_ratio=0.75)
+    assert torch.equal(result["predicted"], result["masked"])
+
+
+def test_reconstruction_leaves_rng_and_mode_alone():
+    model = tiny(in_chans=2, img_size=32).train()
+    imgs = torch.randn(2, 2, 32, 32)
+    state = torch.get_rng_state()
+    first, _ = reconstruction_grid(model, imgs, seed=3)
+    assert torch.equal(torch.get_rng_state(), state) and model.training
+    again, _ = reconstruction_grid(model, imgs, seed=3)
+    other, _ = reconstruction_grid(model, imgs, seed=4)
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+
+
+def test_log_reconstructions_writes_png_and_tensorboard_image(tmp_path):
+    class Writer:
+        def __init__(self):
+            self.images, self.scalars = [], []
+
+        def add_image(self, tag, img, step, dataformats):
+            self.images.append((tag, img.shape, step, dataformats))
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append(tag)
+
+    dataset = eval_dataset(Namespace(data_path=str(IHC), input_size=32), "pretrain")
+    imgs = fixed_batch(dataset, 3, seed=0)
+    assert torch.equal(imgs, fixed_batch(dataset, 3, seed=0))
+    model = tiny(img_size=32)
+    writer = Writer()
+    args = Namespace(mask_ratio=0.75, seed=0, output_dir=str(tmp_path))
+    path = log_reconstructions(
+        model, imgs, torch.arange(6), args, 7, writer, channel_names=["R", "G", "B", "H", "E", "D"]
+    )
+    assert path == str(tmp_path / "vis" / "epoch_007.png")
+    png = np.asarray(Image.open(path))
+    assert writer.images == [("reconstruction", png.shape, 7, "HWC")]
+    assert writer.scalars == [f"vis_masked_mse/{c}" for c in "RGBHED"]
+
+
+def test_visualize_cli_trained_differs_from_untrained(tmp_path, one_thread, capsys):
+    """The PNG of a model trained a few dozen steps on the IHC tiles differs and has a lower masked MSE."""
+    dataset = eval_dataset(Namespace(data_path=str(IHC), input_size=64), "pretrain")
+    imgs = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    torch.manual_seed(0)
+    model = tiny()
+    untrained = save_ours(model, tmp_path / "untrained.pth", "chamae_vit_tiny_patch16", 64, IHC)
+    trained = save_ours(train(model, imgs, 40), tmp_path / "trained.pth", "chamae_vit_tiny_patch16", 64, IHC)
+    results = {}
+    for name, ckpt in (("untrained", untrained), ("trained", trained)):
+        out = tmp_path / f"{name}.png"
+        args = visualize.get_args_parser().parse_args(
+            ["--resume", ckpt, "--out", str(out), "--n", "3", "--rgb", "0,1,2", "--device", "cpu"]
+        )
+        grid, mse = visualize.main(args)
+        png = np.asarray(Image.open(out))
+        assert np.array_equal(png, grid)
+        assert png.shape == (*layout_size(3, 7, 64), 3)
+        results[name] = (png, np.mean(mse))
+    assert not np.array_equal(results["untrained"][0], results["trained"][0])
+    assert results["trained"][1] < 0.9 * results["untrained"][1]
+    assert "masked MSE per channel" in capsys.readouterr().out
+
+
+def test_visualize_published_format_needs_model_name(tmp_path):
+    """{'model': state_dict} with DDP prefixes and no args: rebuilt from --model plus the tensor shapes."""
+    torch.manual_seed(0)
+    model = tiny("mae_vit_tiny_patch16", in_chans=1, img_size=32)
+    path = tmp_path / "mae_visualize_tiny.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    with pytest.raises(ValueError, match="pass --model"):
+        model_from_checkpoint(path)
+    loaded, info = model_from_checkpoint(path, model="mae_vit_tiny_patch16", num_heads=2, decoder_num_heads=2)
+    assert info["kind"] == "pretrain" and loaded.patch_embed.img_size == (32, 32)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    out = tmp_path / "recon.png"
+    argv = [
+        "--resume",
+        str(path),
+        "--model",
+        "mae_vit_tiny_patch16",
+        "--model_kwargs",
+        "num_heads=2",
+        "decoder_num_heads=2",
+        "--data_path",
+        str(DIGITS),
+        "--out",
+        str(out),
+        "--n",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    visualize.main(visualize.get_args_parser().parse_args(argv))
+    assert np.asarray(Image.open(out)).shape == (*layout_size(2, 1, 64), 3)
+
+
+def test_checkpoint_at_another_input_size(tmp_path):
+    model = tiny(in_chans=2, img_size=32)
+    path = save_ours(model, tmp_path / "ckpt.pth", "chamae_vit_tiny_patch16", 32, IHC, norm_pix_loss=True)
+    loaded, _ = model_from_checkpoint(path, input_size=64)
+    assert loaded.patch_embed.img_size == (64, 64) and loaded.norm_pix_loss
+    assert torch.equal(loaded.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+    assert loaded.pos_embed.shape[1] == 1 + 64
+
+
+def test_wrong_model_family_is_refused(tmp_path):
+    path = save_ours(tiny(in_chans=2, img_size=32), tmp_path / "ckpt.pth", "chamae_vit_tiny_patch16", 32, IHC)
+    with pytest.raises(ValueError, match="per-channel tokens"):
+        model_from_checkpoint(path, model="mae_vit_tiny_patch16")
+
+
+def test_plot_logs(tmp_path):
+    log = tmp_path / "log.txt"
+    lines = [dict(epoch=e, train_loss=2.0 / (e + 1), train_lr=1e-3 * min(1, (e + 1) / 3)) for e in range(10)]
+    lines += [dict(epoch=e, test_acc1=10.0 * e, test_loss=1.0 / (e + 1)) for e in range(0, 10, 2)]
+    log.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    out = tmp_path / "curves.png"
+    plot_logs.main([str(log), "-o", str(out)])
+    img = np.asarray(Image.open(out))
+    assert img.shape == (plot_logs.PANEL_H, 3 * plot_logs.PANEL_W, 3)
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 4

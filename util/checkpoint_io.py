@@ -1,0 +1,266 @@
+"""Inference-time loading for visualize.py and extract_features.py: models from checkpoints, evaluation data.
+
+Checkpoints: `model_from_checkpoint` rebuilds a model from ours or the published MAE formats.
+
+Formats read:
+- ours (``util.misc.save_model``): ``{'model': state_dict, 'args': dict, 'epoch': ...}``; the model name and
+  its options come from ``args``;
+- published MAE files: ``{'model': state_dict}`` (``mae_pretrain_vit_*.pth``: encoder only; ``*_full.pth`` and
+  ``mae_visualize_vit_*.pth``: with the decoder) and fine-tuned ones whose ``'args'`` is an
+  ``argparse.Namespace``; these need the model name from the caller when ``args`` is missing;
+- a bare state dict.
+
+Data: `eval_dataset` gives a split with the deterministic evaluation transform (resize + center crop +
+normalise) even where training would augment, with data flags inherited from the checkpoint's args.
+
+Layer shapes (widths, depths, patch size, image size, channel count, decoder kind) are read from the tensors
+themselves, so only what tensors cannot tell (the number of heads) comes from the model name and ``args``.
+"""
+
+import argparse
+import math
+import re
+
+import torch
+from torchvision.transforms import v2
+
+import models_chamae
+import models_mae
+import models_vit
+from util.datasets import build_dataset, build_pretrain_dataset, build_transform
+from util.misc import CheckpointError, RunError, check_state_dict, load_checkpoint, parse_model_kwargs, strip_prefixes
+from util.pos_embed import interpolate_pos_embed
+
+PRETRAIN_ONLY_KWARGS = ("norm_pix_loss", "decoder", "decode_ratio", "mask_mode", "hcs")
+"""Pretraining-model options that a classifier built from the same run does not take."""
+
+
+def split_checkpoint(checkpoint, path):
+    """checkpoint dict (of the file `path`) -> (state_dict without DDP / compile prefixes, args dict ({} if absent))."""
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(checkpoint).__name__}, not a dict)")
+    if "model" in checkpoint and isinstance(checkpoint["model"], dict):
+        state_dict = checkpoint["model"]
+    elif "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], dict):
+        state_dict = checkpoint["state_dict"]
+    elif all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        state_dict = checkpoint
+    else:
+        raise CheckpointError(f"{path} holds no model state dict (keys: {sorted(checkpoint)[:10]})")
+    args = checkpoint.get("args") if state_dict is not checkpoint else None
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    return strip_prefixes(state_dict), dict(args or {})
+
+
+def is_pretrain_state(state_dict):
+    """Whether the state dict holds an MAE decoder."""
+    return "decoder_embed.weight" in state_dict
+
+
+def is_channel_state(state_dict):
+    """Whether the state dict is a per-channel-token model (ChannelMAE / ChannelViT)."""
+    return "channel_embed" in state_dict
+
+
+def pretrain_name(name):
+    """Any model name -> the matching pretraining model name (vit_* -> mae_vit_*, channelvit_* -> chamae_vit_*)."""
+    name = models_chamae.ALIASES.get(name, name)
+    if name.startswith("channelvit_"):
+        return "chamae_" + name[len("channel") :]
+    if name.startswith("vit_"):
+        return "mae_" + name
+    return name
+
+
+def classifier_name(name):
+    """Any model name -> the matching classifier name (mae_vit_* -> vit_*, chamae_vit_* -> channelvit_*)."""
+    name = models_chamae.ALIASES.get(name, name)
+    if name.startswith("chamae_vit_"):
+        return "channel" + name[len("chamae_") :]
+    if name.startswith("mae_vit_"):
+        return name[len("mae_") :]
+    return name
+
+
+def count_blocks(state_dict, prefix):
+    """Number of `prefix`N.* blocks in the state dict."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = {int(m.group(1)) for key in state_dict if (m := pattern.match(key))}
+    return max(indices) + 1 if indices else 0
+
+
+def checkpoint_grid(state_dict):
+    """Side of the (square) patch grid of the checkpoint's position embedding."""
+    num_patches = state_dict["pos_embed"].shape[1] - 1
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise CheckpointError(f"checkpoint pos_embed has {num_patches} patch positions, not a square grid")
+    return side
+
+
+def encoder_shapes(state_dict):
+    """Encoder hyper-parameters that the tensors determine: embed_dim, depth, patch_size, mlp_ratio, img_size."""
+    embed_dim = state_dict["cls_token"].shape[-1]
+    patch_size = state_dict["patch_embed.proj.weight"].shape[-1]
+    shapes = dict(
+        embed_dim=embed_dim,
+        depth=count_blocks(state_dict, "blocks."),
+        patch_size=patch_size,
+        img_size=checkpoint_grid(state_dict) * patch_size,
+    )
+    if "blocks.0.mlp.fc1.weight" in state_dict:
+        shapes["mlp_ratio"] = state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+    if is_channel_state(state_dict):
+        shapes["num_channels"] = state_dict["channel_embed"].shape[0]
+    else:
+        shapes["in_chans"] = state_dict["patch_embed.proj.weight"].shape[1]
+    return shapes
+
+
+def decoder_shapes(state_dict):
+    """Decoder hyper-parameters that the tensors determine."""
+    return dict(
+        decoder_embed_dim=state_dict["mask_token"].shape[-1],
+        decoder_depth=count_blocks(state_dict, "decoder_blocks."),
+        decoder="cross" if "decoder_blocks.0.attn.q.weight" in state_dict else "full",
+    )
+
+
+def kwargs_from_args(args, pretrain):
+    """Model kwargs recorded in a training run's args (main_pretrain / main_finetune flags)."""
+    kwargs = {}
+    if args.get("input_size"):
+        kwargs["img_size"] = args["input_size"]
+    if args.get("patch_size"):
+        kwargs["patch_size"] = args["patch_size"]
+    if pretrain:
+        for key in ("norm_pix_loss", "decoder", "decode_ratio", "mask_mode"):
+            if args.get(key) is not None:
+                kwargs[key] = args[key]
+    model_kwargs = args.get("model_kwargs") or {}
+    if isinstance(model_kwargs, dict):
+        kwargs.update(model_kwargs)
+    else:
+        kwargs.update(parse_model_kwargs(model_kwargs))
+    return kwargs
+
+
+def check_heads(kwargs, name):
+    """Refuse a head count that does not divide the width (heads are not visible in the tensors)."""
+    size = re.search(r"vit_([a-z]+)_patch", name).group(1)
+    decoder = models_mae.DECODER_SIZES.get(size, dict(decoder_num_heads=16))
+    defaults = {**models_mae.SIZES[size], **decoder, **kwargs}
+    for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
+        if width in defaults and heads in defaults and defaults[width] % defaults[heads]:
+            raise CheckpointError(
+                f"{width}={defaults[width]} of the checkpoint is not divisible by {heads}={defaults[heads]} of "
+                f"'{name}'; pass the trained head count, e.g. --model_kwargs {heads}=N"
+            )
+
+
+def model_from_checkpoint(path, model=None, input_size=None, encoder_only=False, unsafe=False, **overrides):
+    """Build the model a checkpoint was saved from and load its weights (on the CPU, in eval mode).
+
+    path: checkpoint file. model: model name; needed when the file has no 'args' (published MAE files),
+    otherwise it overrides args['model']. input_size: build for this image size (default: the checkpoint's);
+    pretraining models regenerate their fixed sin-cos tables, classifiers resample the learned ones.
+    encoder_only: build a classifier (vit_* / channelvit_*) without head even from a pretraining checkpoint.
+    overrides: further model kwargs (e.g. norm_pix_loss=True, mask_mode='spatial', num_heads=2).
+
+    Returns (model, info) with info = {'name', 'kind' ('pretrain' | 'classifier'), 'args', 'epoch'}.
+    A pretraining checkpoint gives the MAE / ChannelMAE with its decoder unless encoder_only; a classifier
+    checkpoint (or an encoder-only published file) gives the classifier with num_classes=0 (no head).
+    """
+    checkpoint = load_checkpoint(path, unsafe=unsafe)
+    state_dict, args = split_checkpoint(checkpoint, path)
+    name = model or args.get("model")
+    if not name:
+        raise CheckpointError(
+            f"{path} records no model name (published MAE format?): pass --model, e.g. mae_vit_large_patch16"
+        )
+    pretrain = is_pretrain_state(state_dict) and not encoder_only
+    name = pretrain_name(name) if pretrain else classifier_name(name)
+    channel = is_channel_state(state_dict)
+    if channel != (name.startswith("chamae_") or name.startswith("channelvit_")):
+        kind = "per-channel tokens (ChannelMAE/ChannelViT)" if channel else "whole-patch tokens (MAE/ViT)"
+        raise CheckpointError(f"{path} holds a model with {kind}, which '{name}' is not")
+
+    kwargs = kwargs_from_args(args, pretrain)
+    ckpt_shapes = encoder_shapes(state_dict)
+    if pretrain:
+        ckpt_shapes.update(decoder_shapes(state_dict))
+        if channel:
+            kwargs.setdefault("in_chans", args.get("in_chans") or ckpt_shapes["num_channels"])
+    else:
+        kwargs = {k: v for k, v in kwargs.items() if k not in PRETRAIN_ONLY_KWARGS and not k.startswith("decoder")}
+        kwargs["num_classes"] = 0
+        kwargs["global_pool"] = "fc_norm.weight" in state_dict
+        if channel:
+            kwargs.setdefault("in_chans", args.get("in_chans") or ckpt_shapes["num_channels"])
+    kwargs.update(ckpt_shapes)
+    if input_size:
+        kwargs["img_size"] = input_size
+    kwargs.update(overrides)
+    check_heads(kwargs, name)
+
+    if pretrain:
+        net = models_chamae.create_model(name, **kwargs)
+        fixed = ()
+        if checkpoint_grid(state_dict) != net.patch_embed.grid_size[0]:
+            # fixed sin-cos tables: the new model already holds the exact ones for its grid
+            fixed = ("pos_embed", "decoder_pos_embed")
+            state_dict = {k: v for k, v in state_dict.items() if k not in fixed}
+        check_state_dict(net, state_dict, path, allow_missing=fixed)
+        net.load_state_dict(state_dict, strict=not fixed)
+    else:
+        net = models_vit.create_model(name, **kwargs)
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("head.", "decoder_", "mask_token"))}
+        interpolate_pos_embed(net, state_dict)
+        check_state_dict(net, state_dict, path)
+        net.load_state_dict(state_dict)
+    net.eval()
+    epoch = checkpoint.get("epoch")
+    epoch = epoch if isinstance(epoch, int) else None
+    return net, dict(name=name, kind="pretrain" if pretrain else "classifier", args=args, epoch=epoch)
+
+
+DATA_FLAGS = ("data_path", "channels", "mean", "std", "channel_stats")
+"""Data flags that default to the values the checkpoint was trained with."""
+
+SPLITS = ("pretrain", "train", "val")
+
+
+def inherit_data_args(args, checkpoint_args, model):
+    """Fill unset (None) data flags of `args` from the checkpoint's args; input_size from the model."""
+    for key in DATA_FLAGS:
+        if getattr(args, key, None) is None:
+            setattr(args, key, checkpoint_args.get(key))
+    args.input_size = model.patch_embed.img_size[0]
+    if not args.data_path:
+        raise RunError("--data_path is required (the checkpoint records none)")
+    return args
+
+
+def eval_dataset(args, split="pretrain"):
+    """A dataset of --data_path with the evaluation transform.
+
+    split: 'pretrain' (the pretraining layout: a CSV, root/train.csv, root/train/ or root/; labels -1), 'train'
+    or 'val' (labelled class folders or {train,val}.csv; 'train' also needs the val split, whose evaluation
+    transform it borrows: both normalise with the same statistics).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+    if split == "pretrain":
+        dataset = build_pretrain_dataset(args)
+        normalize = dataset.transform.transforms[-1]
+        if not isinstance(normalize, v2.Normalize):
+            raise TypeError(f"expected the pretraining transform to end with v2.Normalize, got {normalize}")
+        dataset.transform = build_transform(False, args, mean=normalize.mean, std=normalize.std)
+        return dataset
+    dataset = build_dataset(False, args)
+    if split == "train":
+        train = build_dataset(True, args)
+        train.transform = dataset.transform
+        dataset = train
+    return dataset
