@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 import util.misc as misc
 from util.checkpoint_io import SPLITS, eval_dataset, inherit_data_args, model_from_checkpoint
-from util.misc import parse_model_kwargs
+from util.datasets import DatasetError
 
 POOLS = ("mean", "cls")
 CHUNK_ROWS = 4096
@@ -71,7 +71,12 @@ def get_args_parser():
     g.add_argument("--mean", default=None, type=float, nargs="+")
     g.add_argument("--std", default=None, type=float, nargs="+")
     g.add_argument("--channel_stats", default=None)
-    g.add_argument("--skip_bad_samples", action="store_true")
+    g.add_argument(
+        "--skip_bad_samples",
+        action="store_true",
+        help="leave out files found unreadable when the dataset is built (a later decode failure is still an error: "
+        "a replacement sample would not match its row's path)",
+    )
     g = parser.add_argument_group("distributed (torchrun / Slurm environment)")
     g.add_argument("--dist_url", default="env://")
     g.add_argument("--dist_on_itp", action="store_true")
@@ -252,9 +257,12 @@ def write_npz(path, arrays):
 
 
 def main(args):
+    split = args.split or ("trainval" if args.knn_k else "pretrain")
+    if args.knn_k and split != "trainval":
+        raise misc.RunError("--knn_k needs --split trainval (train split as memory, val split as queries)")
     misc.init_distributed_mode(args)
     device = torch.device(args.device)
-    overrides = parse_model_kwargs(args.model_kwargs)
+    overrides = misc.parse_model_kwargs(args.model_kwargs)
     model, info = model_from_checkpoint(
         args.resume, model=args.model, input_size=args.input_size, unsafe=args.unsafe_load, **overrides
     )
@@ -262,10 +270,9 @@ def main(args):
         model.mask_mode = "independent"  # mask ratio 0 keeps every token only in this mode
     model.to(device)
     inherit_data_args(args, info["args"], model)
-    split = args.split or ("trainval" if args.knn_k else "pretrain")
-    if args.knn_k and split != "trainval":
-        raise SystemExit("--knn_k needs --split trainval (train split as memory, val split as queries)")
     datasets = [eval_dataset(args, s) for s in (("train", "val") if split == "trainval" else (split,))]
+    for d in datasets:
+        d.skip_bad_samples = False  # each row must be the features of its path
     dataset = torch.utils.data.ConcatDataset(datasets)
     channel_ids = torch.as_tensor(datasets[0].channel_ids, device=device)
     print(f"{info['name']} ({info['kind']}, {args.resume}): {len(dataset)} samples, channels {channel_ids.tolist()}")
@@ -333,4 +340,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    misc.run_main(main, get_args_parser().parse_args(), errors=(DatasetError,))

@@ -14,6 +14,7 @@ import torch
 
 import models_chamae
 import util.misc as misc
+import util.vis as vis
 from engine_pretrain import train_one_epoch
 from util.datasets import DatasetError, build_pretrain_dataset
 
@@ -39,6 +40,17 @@ def get_args_parser():
     parser.set_defaults(norm_pix_loss=False)
     g.add_argument("--decoder", default="full", choices=["full", "cross"], help="MAE decoder or cross-attention")
     g.add_argument("--decode_ratio", default=1.0, type=float, help="fraction of masked tokens decoded (cross)")
+
+    g = parser.add_argument_group("reconstruction images")
+    g.add_argument(
+        "--vis_every",
+        default=10,
+        type=int,
+        metavar="N",
+        help="every N epochs and at the last, rank 0 draws reconstructions of a fixed batch to TensorBoard and "
+        "output_dir/vis/epoch_XXX.png (0 = never)",
+    )
+    g.add_argument("--vis_n", default=8, type=int, help="samples in the reconstruction grid")
 
     g = parser.add_argument_group("optimizer")
     g.add_argument("--weight_decay", default=0.05, type=float)
@@ -79,6 +91,9 @@ def main(args):
     channel_ids = torch.as_tensor(dataset_train.channel_ids, dtype=torch.long, device=device)
     data_loader_train = misc.build_train_loader(dataset_train, args)
     log_writer = misc.open_log_writer(args)
+    vis_batch = None
+    if args.vis_every > 0 and misc.is_main_process():
+        vis_batch = vis.fixed_batch(dataset_train, args.vis_n, args.seed).to(device)
 
     model = build_model(args, dataset_train)
     if args.grad_checkpointing:
@@ -128,6 +143,10 @@ def main(args):
             raise
         progress = None
         path = misc.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
+        if vis_batch is not None and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
+            # the bare module on rank 0 only: no collective, and the training RNG stream is left as it was
+            names = vis.channel_labels(dataset_train)
+            vis.log_reconstructions(model_without_ddp, vis_batch, channel_ids, args, epoch, log_writer, names)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch, "n_parameters": n_parameters}
         misc.write_log(args, {**log_stats, **misc.skip_stats(dataset_train)}, log_writer)
         misc.stop_after_epoch(args, epoch, path)

@@ -14,8 +14,9 @@ import argparse
 
 import torch
 
+import util.misc as misc
 from util.checkpoint_io import SPLITS, eval_dataset, inherit_data_args, model_from_checkpoint
-from util.misc import parse_model_kwargs
+from util.datasets import DatasetError
 from util.vis import channel_labels, fixed_batch, reconstruction_grid, save_png
 
 
@@ -51,7 +52,7 @@ def get_args_parser():
     )
     g.add_argument("--mask_mode", default=None, help="ChannelMAE masking (default: the checkpoint's)")
     g.add_argument("--unsafe_load", action="store_true", help="full unpickling (trusted files only)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default=misc.default_device())
     g = parser.add_argument_group("data (default: the checkpoint's flags)")
     g.add_argument("--data_path", default=None)
     g.add_argument("--split", default="pretrain", choices=SPLITS, help="pretraining layout or a labelled split")
@@ -63,7 +64,7 @@ def get_args_parser():
 
 
 def main(args):
-    overrides = parse_model_kwargs(args.model_kwargs)
+    overrides = misc.parse_model_kwargs(args.model_kwargs)
     for key in ("norm_pix_loss", "mask_mode"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
@@ -71,7 +72,7 @@ def main(args):
         args.resume, model=args.model, input_size=args.input_size, unsafe=args.unsafe_load, **overrides
     )
     if info["kind"] != "pretrain":
-        raise SystemExit(f"{args.resume} has no decoder; visualize.py needs a pretraining checkpoint")
+        raise misc.CheckpointError(f"{args.resume} has no decoder; visualize.py needs a pretraining checkpoint")
     inherit_data_args(args, info["args"], model)
     mask_ratio = args.mask_ratio if args.mask_ratio is not None else info["args"].get("mask_ratio", 0.75)
     dataset = eval_dataset(args, args.split)
@@ -100,4 +101,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    misc.run_main(main, get_args_parser().parse_args(), errors=(DatasetError,))

@@ -23,15 +23,6 @@ TINY = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_de
 DIGITS_MODEL = dict(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train an order of magnitude faster on one thread when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def save_ours(model, path, name, input_size, data_path, model_kwargs, **extra_args):
     """A checkpoint laid out as util.misc.save_model writes it."""
     args = dict(

@@ -2,6 +2,7 @@
 layer-wise lr decay."""
 
 import argparse
+import fractions
 import io
 import math
 import os
@@ -117,11 +118,18 @@ def test_rng_state_round_trip_through_weights_only_pickle():
 
 
 def test_unsafe_load_is_needed_for_pickled_objects(tmp_path):
-    path = str(tmp_path / "ns.pth")
-    torch.save({"args": argparse.Namespace(a=1)}, path)
+    path = str(tmp_path / "fraction.pth")
+    torch.save({"args": fractions.Fraction(1, 3)}, path)
     with pytest.raises(RuntimeError, match="--unsafe_load"):
         misc.load_checkpoint(path)
-    assert misc.load_checkpoint(path, unsafe=True)["args"].a == 1
+    assert misc.load_checkpoint(path, unsafe=True)["args"] == fractions.Fraction(1, 3)
+
+
+def test_namespace_args_load_without_unsafe(tmp_path):
+    """Published fine-tuned MAE checkpoints store 'args' as an argparse.Namespace, which is allowed."""
+    path = str(tmp_path / "ns.pth")
+    torch.save({"args": argparse.Namespace(a=1)}, path)
+    assert misc.load_checkpoint(path)["args"].a == 1
 
 
 # ----------------------------------------------------------------------------------------------- logging

@@ -1,5 +1,6 @@
 """Reconstruction grids (util/vis.py), visualize.py, checkpoint loading (util/checkpoint_io.py), plot_logs.py."""
 
+import builtins
 import json
 from argparse import Namespace
 from pathlib import Path
@@ -9,10 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+import main_pretrain
 import models_chamae
 import plot_logs
 import visualize
 from util.checkpoint_io import eval_dataset, model_from_checkpoint
+from util.misc import CheckpointError
 from util.vis import (
     PANELS,
     GridLayout,
@@ -28,15 +31,6 @@ IHC = ROOT / "sample_data" / "ihc"
 DIGITS = ROOT / "sample_data" / "digits"
 TINY = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 TINY_KWARGS = [f"{k}={v}" for k, v in TINY.items()]
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models train an order of magnitude faster on one thread when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(name="chamae_vit_tiny_patch16", in_chans=6, img_size=64, **kwargs):
@@ -188,7 +182,7 @@ def test_visualize_published_format_needs_model_name(tmp_path):
     model = tiny("mae_vit_tiny_patch16", in_chans=1, img_size=32)
     path = tmp_path / "mae_visualize_tiny.pth"
     torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
-    with pytest.raises(ValueError, match="pass --model"):
+    with pytest.raises(CheckpointError, match="pass --model"):
         model_from_checkpoint(path)
     loaded, info = model_from_checkpoint(path, model="mae_vit_tiny_patch16", num_heads=2, decoder_num_heads=2)
     assert info["kind"] == "pretrain" and loaded.patch_embed.img_size == (32, 32)
@@ -227,7 +221,7 @@ def test_checkpoint_at_another_input_size(tmp_path):
 
 def test_wrong_model_family_is_refused(tmp_path):
     path = save_ours(tiny(in_chans=2, img_size=32), tmp_path / "ckpt.pth", "chamae_vit_tiny_patch16", 32, IHC)
-    with pytest.raises(ValueError, match="per-channel tokens"):
+    with pytest.raises(CheckpointError, match="per-channel tokens"):
         model_from_checkpoint(path, model="mae_vit_tiny_patch16")
 
 
@@ -241,3 +235,41 @@ def test_plot_logs(tmp_path):
     img = np.asarray(Image.open(out))
     assert img.shape == (plot_logs.PANEL_H, 3 * plot_logs.PANEL_W, 3)
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 4
+
+
+def test_finetuned_checkpoint_with_namespace_args(tmp_path):
+    """Published fine-tuned MAE files store 'args' as an argparse.Namespace: read with weights_only=True."""
+    model = tiny("mae_vit_tiny_patch16", in_chans=1, img_size=32)
+    args = Namespace(model="vit_tiny_patch16", input_size=32, model_kwargs=TINY_KWARGS, data_path=str(DIGITS))
+    torch.save({"model": model.state_dict(), "args": args}, tmp_path / "ft.pth")
+    loaded, info = model_from_checkpoint(tmp_path / "ft.pth")
+    assert info["name"] == "mae_vit_tiny_patch16" and info["args"]["data_path"] == str(DIGITS)
+    assert torch.equal(loaded.decoder_pred.weight, model.decoder_pred.weight)
+
+
+def pretrain(output_dir, *flags):
+    """A 2-epoch tiny ChannelMAE pretraining on 32 px crops of the IHC tiles, in this process; -> the epoch losses."""
+    argv = ["--device", "cpu", "--epochs", "2", "--warmup_epochs", "1", "--input_size", "32", "--patch_size", "8"]
+    argv += ["--batch_size", "32", "--num_workers", "0", "--output_dir", str(output_dir), "--model_kwargs"]
+    main_pretrain.main(main_pretrain.get_args_parser().parse_args([*argv, *TINY_KWARGS, *flags]))
+    return [json.loads(line)["train_loss"] for line in (output_dir / "log.txt").read_text().splitlines()]
+
+
+def test_pretrain_vis_every(tmp_path, one_thread, monkeypatch):
+    """--vis_every 1 writes vis/epoch_XXX.png and a TensorBoard image each epoch, and leaves the losses as they are."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setattr(builtins, "print", builtins.print)  # main() wraps print for rank 0; undone afterwards
+    with_vis = pretrain(tmp_path / "vis", "--vis_every", "1", "--vis_n", "2")
+    without = pretrain(tmp_path / "plain", "--vis_every", "0")
+    assert with_vis == without
+    assert not (tmp_path / "plain" / "vis").exists()
+    pngs = sorted((tmp_path / "vis" / "vis").iterdir())
+    assert [p.name for p in pngs] == ["epoch_000.png", "epoch_001.png"]
+    height, width = layout_size(2, 6, 32 * auto_scale(32))
+    assert all(Image.open(p).size == (width, height) for p in pngs)
+    events = EventAccumulator(str(tmp_path / "vis"), size_guidance={"images": 0})
+    events.Reload()
+    images = events.Images("reconstruction")
+    assert [(e.step, e.width, e.height) for e in images] == [(0, width, height), (1, width, height)]
+    assert "vis_masked_mse/DAB" in events.Tags()["scalars"]

@@ -15,6 +15,8 @@ normalise) even where training would augment, with data flags inherited from the
 
 Layer shapes (widths, depths, patch size, image size, channel count, decoder kind) are read from the tensors
 themselves, so only what tensors cannot tell (the number of heads) comes from the model name and ``args``.
+Files are read with ``util.misc.load_checkpoint``; problems the user can fix raise ``util.misc.CheckpointError``
+(or ``RunError``), which ``util.misc.run_main`` prints without a traceback.
 """
 
 import argparse

@@ -9,6 +9,8 @@ drawn in ``MASK_RGB``.
 
 import math
 import os
+import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +65,25 @@ class GridLayout:
         return x, y
 
 
+@contextmanager
+def seeded_rng(seed):
+    """Seed torch (CPU and CUDA), numpy and Python's ``random`` for the block, then restore the caller's states.
+
+    Drawing a mask or an augmented image here therefore leaves the training run's random stream untouched. CUDA
+    is seeded only when already initialised (a lazily queued seed would outlive the block).
+    """
+    state = misc.get_rng_state()
+    try:
+        torch.random.default_generator.manual_seed(seed)
+        if state["cuda"] is not None:
+            torch.cuda.manual_seed_all(seed)
+        np.random.seed(seed % 2**32)  # noqa: NPY002 - the global RNGs are what third-party transforms draw from
+        random.seed(seed)
+        yield
+    finally:
+        misc.set_rng_state(state)
+
+
 def unwrap(model):
     """The bare module under DistributedDataParallel and torch.compile wrappers."""
     while True:
@@ -86,8 +107,9 @@ def token_to_pixel_mask(model, token_mask, C):
 def reconstruct(model, imgs, channel_ids=None, mask_ratio=0.75, seed=0):
     """Mask, encode and decode a batch with a fixed random mask, outside the caller's RNG stream.
 
-    model: MAE or ChannelMAE (wrappers allowed); imgs: (N, C, H, W) as the model takes them; channel_ids: None,
-    (C,) or (N, C). Runs in eval mode in float32 and restores the training flag and all RNG states.
+    model: MAE or ChannelMAE (DDP / torch.compile wrappers are unwrapped: only the bare module runs, so no
+    collective is called); imgs: (N, C, H, W) as the model takes them; channel_ids: None, (C,) or (N, C). Runs
+    without autograd, in eval mode and float32; restores the training flag and all RNG states (see seeded_rng).
     Returns a dict of CPU tensors: 'original', 'recon' (N, C, H, W) (predictions un-normalised with the target
     patch mean/var under norm_pix_loss), 'masked' (bool, N, C, H, W: pixels hidden from the encoder),
     'predicted' (bool, N, C, H, W: pixels with a prediction), 'pasted' (recon where masked, else the original),
@@ -99,12 +121,10 @@ def reconstruct(model, imgs, channel_ids=None, mask_ratio=0.75, seed=0):
     model.eval()
     imgs = imgs.float()
     N, C = imgs.shape[:2]
-    devices = [imgs.device.index or 0] if imgs.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with seeded_rng(seed):
             latent, mask, ids_restore = model.forward_encoder(imgs, mask_ratio, channel_ids)
-            pred, _ = model.forward_decoder(latent, ids_restore, channel_ids, 1.0)
+            pred, decoded = model.forward_decoder(latent, ids_restore, channel_ids, 1.0)
     finally:
         model.train(was_training)
     pred = pred.float()
@@ -113,7 +133,8 @@ def reconstruct(model, imgs, channel_ids=None, mask_ratio=0.75, seed=0):
         pred = pred * (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
     recon = model.unpatchify(pred)
     masked = token_to_pixel_mask(model, mask, C)
-    predicted = masked if model.decoder == "cross" else torch.ones_like(masked)
+    # the full decoder predicts every token; the cross decoder only the masked ones (all of them: decode ratio 1)
+    predicted = token_to_pixel_mask(model, decoded, C) if model.decoder == "cross" else torch.ones_like(masked)
     sq_err = (recon - imgs) ** 2 * masked
     count = masked.sum(dim=(2, 3)).float()
     mse = sq_err.sum(dim=(2, 3)) / count
@@ -256,8 +277,7 @@ def fixed_batch(dataset, n, seed=0):
     """
     n = min(n, len(dataset))
     indices = [i * len(dataset) // n for i in range(n)]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed):
         return torch.stack([dataset[i][0] for i in indices])
 
 
