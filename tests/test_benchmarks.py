@@ -1,11 +1,13 @@
-"""Smoke test of benchmarks/bench_train.py: one tiny ChannelMAE configuration end to end, no timing assertions.
+"""Smoke tests of the benchmarks: bench_train.py (one tiny ChannelMAE configuration end to end, no timing
+assertions) and bench_quality.py (one tiny cross-decoder configuration through the real training CLIs).
 
-On CPU each configuration runs in a forked child (the default); the slow variant checks the fresh-interpreter
-path (`--single_config`) that CUDA runs use.
+For bench_train, on CPU each configuration runs in a forked child (the default); the slow variant checks the
+fresh-interpreter path (`--single_config`) that CUDA runs use.
 """
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +46,60 @@ def test_bench_train_tiny_chamae_writes_json(tmp_path, isolation):
     assert result["sdpa_kernel"] != "math"
     assert result["mfu"] is None and result["host_syncs"] is None
     assert math.isfinite(result["loss"])
+
+
+QUALITY_TINY = ["--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--decoder_embed_dim", "32"]
+QUALITY_TINY += ["--decoder_depth", "1", "--decoder_num_heads", "2", "--digits_patch_size", "8", "--mask_draws", "2"]
+QUALITY_ONE_EPOCH = ["--epochs", "1", "--ihc_warmup_epochs", "0", "--digits_epochs", "1"]
+QUALITY_ONE_EPOCH += ["--digits_warmup_epochs", "0", "--probe_epochs", "1", "--knn_k", "3"]
+QUALITY_ONE_EPOCH += ["--digits_batch_size", "8", "--probe_batch_size", "8"]
+
+
+def tiny_digits(root, per_class=3):
+    """A copy of sample_data/digits with `per_class` images per class and split (same channel_stats.json)."""
+    source = ROOT / "sample_data" / "digits"
+    root.mkdir()
+    shutil.copy(source / "channel_stats.json", root / "channel_stats.json")
+    for split in ("train", "val"):
+        for class_dir in sorted((source / split).iterdir()):
+            target = root / split / class_dir.name
+            target.mkdir(parents=True)
+            for path in sorted(class_dir.iterdir())[:per_class]:
+                shutil.copy(path, target / path.name)
+    return root
+
+
+def test_bench_quality_one_tiny_cross_config_writes_json(tmp_path):
+    digits = tiny_digits(tmp_path / "digits")
+    out = tmp_path / "quality.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_quality.py"), "--configs", "cross:0.5"]
+    cmd += ["--digits_dir", str(digits), "--out_dir", str(tmp_path / "runs"), "--json", str(out)]
+    cmd += [*QUALITY_TINY, *QUALITY_ONE_EPOCH]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| cross:0.5 | 0 |" in proc.stdout
+
+    report = json.loads(out.read_text())
+    assert report["ihc_split"] == dict(train_tiles=70, heldout_tiles=20, tile_size=64, holdout_rows=2)
+    held = (tmp_path / "runs" / "ihc_heldout.csv").read_text().splitlines()
+    assert held[0] == "path,label" and len(held) == 21
+    (result,) = report["results"]
+    assert (result["config"], result["decoder"], result["decode_ratio"], result["seed"]) == (
+        "cross:0.5",
+        "cross",
+        0.5,
+        0,
+    )
+    assert result["ihc_heldout_tiles"] == 20
+    channel_mse = result["ihc_channel_mse"]
+    assert list(channel_mse) == ["R", "G", "B", "H", "E", "DAB"]
+    values = {k: result[k] for k in ("ihc_mse", "digits_mse", "ihc_train_loss", "digits_train_loss")}
+    values.update({f"ihc_mse {name}": v for name, v in channel_mse.items()})
+    for key, value in values.items():
+        assert math.isfinite(value) and value > 0, key
+    for key in ("knn_top1", "knn_top5", "probe_top1"):
+        assert 0 <= result[key] <= 100, key
+    for key in ("ihc_pretrain_s", "digits_pretrain_s", "probe_s", "total_s"):
+        assert result[key] > 0, key
+    (summary,) = report["summary"]
+    assert summary["config"] == "cross:0.5" and summary["ihc_mse"]["mean"] == result["ihc_mse"]
