@@ -259,6 +259,18 @@ def test_transforms_any_channel_count(channels, mode):
     assert out.shape == (channels, 24, 24) and out.dtype == torch.float32
 
 
+def test_scale_and_hflip_flags():
+    """--scale 1 1 with --hflip 0 leaves only the resize: the training transform becomes deterministic."""
+    x = torch.rand(2, 24, 24) * 1000
+    plain = Namespace(input_size=24, mean=[0.0, 0.0], std=[1.0, 1.0])
+    fixed = Namespace(**vars(plain), scale=[1.0, 1.0], hflip=0.0)
+    torch.manual_seed(0)
+    assert not all(torch.equal(build_transform(True, plain)(x), x) for _ in range(8))
+    assert all(torch.equal(build_transform(True, fixed)(x), x) for _ in range(8))
+    with pytest.raises(DatasetError, match="--scale 0.5 0.2"):
+        build_transform(True, Namespace(**vars(plain), scale=[0.5, 0.2]))
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 

@@ -192,7 +192,19 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
             image = rng.normal(size=(1, 32, 32)).astype(np.float32) if fill is None else np.full((1, 32, 32), fill)
             np.save(tmp_path / name / f"{i:02d}.npy", image.astype(np.float32))
     output_dir = tmp_path / "out"
-    flags = ["--epochs", "3", "--mean", "0", "--std", "1", "--output_dir", str(output_dir), *TINY_MAE]
+    flags = [
+        "--epochs",
+        "3",
+        "--vis_every",
+        "0",
+        "--mean",
+        "0",
+        "--std",
+        "1",
+        "--output_dir",
+        str(output_dir),
+        *TINY_MAE,
+    ]
     run("main_pretrain.py", "--data_path", str(tmp_path / "clean"), *flags, "--epochs", "1")
     before = sha256(output_dir / "checkpoint-last.pth")
 

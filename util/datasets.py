@@ -486,7 +486,9 @@ def parse_channels(value):
     return ids
 
 
-def _channel_ids(args, num_channels):
+def _channel_ids(args, num_channels, example):
+    """The channel ids to read (``--channels``, default all), checked against ``--in_chans``; ``example`` is a
+    sample's file(s), named in the error."""
     ids = parse_channels(getattr(args, "channels", None))
     if ids is None:
         ids = list(range(num_channels))
@@ -495,7 +497,8 @@ def _channel_ids(args, num_channels):
     in_chans = getattr(args, "in_chans", None)
     if in_chans is not None and in_chans != len(ids):
         raise DatasetError(
-            f"--in_chans {in_chans} does not match the data: {len(ids)} of {num_channels} channels are used"
+            f"--in_chans {in_chans} does not match the data: {len(ids)} of {num_channels} channels are used "
+            f"({_describe(example)} has {num_channels})"
         )
     return ids
 
@@ -718,10 +721,22 @@ def _timm_rgb_transform(args, size, mean, std):
         re_prob=getattr(args, "reprob", 0.0),
         re_mode=getattr(args, "remode", "pixel"),
         re_count=getattr(args, "recount", 1),
+        scale=_crop_scale(args, pretrain=False),
+        hflip=getattr(args, "hflip", 0.5),
         mean=tuple(m / 255 for m in mean),
         std=tuple(s / 255 for s in std),
     )
     return v2.Compose([_uint8_tensor_to_pil, timm_transform])
+
+
+def _crop_scale(args, pretrain):
+    """RandomResizedCrop area range: ``--scale MIN MAX``, else MAE's (0.2, 1) for pretraining, (0.08, 1) otherwise."""
+    scale = getattr(args, "scale", None)
+    if scale is None:
+        return (0.2, 1.0) if pretrain else (0.08, 1.0)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise DatasetError(f"--scale {' '.join(map(str, scale))}: expected MIN MAX with 0 < MIN <= MAX <= 1")
+    return tuple(scale)
 
 
 def build_transform(is_train, args, pretrain=False, *, mean=None, std=None, uint8_rgb=False):
@@ -730,6 +745,7 @@ def build_transform(is_train, args, pretrain=False, *, mean=None, std=None, uint
     pretrain: RandomResizedCrop(scale 0.2-1) + hflip (MAE); fine-tune train: RandomResizedCrop(scale 0.08-1)
     + hflip, or timm's pipeline on a PIL image when uint8_rgb; eval: resize the shorter side to
     input_size / 0.875 (to input_size when it is above 224, as MAE does) + center crop. Bicubic, antialiased.
+    ``--scale MIN MAX`` replaces the crop's area range and ``--hflip P`` the flip probability (timm's flags);
     ``--vflip`` adds a vertical flip to training. mean/std (raw pixel units) default to --mean/--std.
     """
     size = getattr(args, "input_size", 224)
@@ -741,10 +757,9 @@ def build_transform(is_train, args, pretrain=False, *, mean=None, std=None, uint
     if is_train and not pretrain and uint8_rgb:
         return _timm_rgb_transform(args, size, mean, std)
     if is_train:
-        scale = (0.2, 1.0) if pretrain else (0.08, 1.0)
         ops = [
-            v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True),
-            v2.RandomHorizontalFlip(),
+            v2.RandomResizedCrop(size, scale=_crop_scale(args, pretrain), interpolation=bicubic, antialias=True),
+            v2.RandomHorizontalFlip(getattr(args, "hflip", 0.5)),
         ]
         ops += [v2.RandomVerticalFlip()] if getattr(args, "vflip", False) else []
     else:
@@ -836,8 +851,9 @@ def _build(samples, classes, csv_names, path, args, *, train, pretrain, stats_sa
     skip = getattr(args, "skip_bad_samples", False)
     stats_dir = _stats_dir(path)
     num_listed = len(samples)
-    samples, shape, dtypes = _validate(samples, args, f"--data_path {path}")
-    ids = _channel_ids(args, shape[0])
+    split = "" if pretrain else f" ({'train' if train else 'val'} split)"
+    samples, shape, dtypes = _validate(samples, args, f"--data_path {path}{split}")
+    ids = _channel_ids(args, shape[0], samples[0][0])
 
     def estimate():
         return _estimate_mean_std(stats_samples or samples, ids, shape[0], str(path), skip)

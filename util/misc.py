@@ -12,6 +12,7 @@ import datetime
 import glob
 import itertools
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -502,20 +503,44 @@ def restore_meters(metric_logger: MetricLogger, progress: dict | None) -> int:
     return progress["step"]
 
 
+def error_message(err: BaseException) -> str:
+    """The message of ``err``. A DataLoader re-raises a worker's exception with the worker's whole traceback as
+    its message; of such an error only the worker's own message is kept, and the worker is named."""
+    text = str(err)
+    worker = re.match(r"Caught \w+ (in DataLoader worker process \d+)\.\nOriginal Traceback", text)
+    if worker is None:
+        return text
+    original = text.rpartition(f"{type(err).__module__}.{type(err).__qualname__}: ")[2].strip()
+    return f"{original or text.strip().splitlines()[-1]} ({worker.group(1)})"
+
+
+def end_loader_workers():
+    """SIGKILL the daemonic child processes still alive, i.e. DataLoader workers of an epoch that ended in an
+    error. They ignore SIGTERM (``_worker_ignores_stop_signals``), so multiprocessing's exit handler, which
+    terminates them with SIGTERM and then joins them, would wait for ever."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
+
+
 def run_main(main, args, errors: tuple = ()):
     """Run ``main(args)`` for a command line.
 
     A stop signal ends the process with status 128 + its number after the checkpoint is saved; ``RunError``,
-    ``NonFiniteLossError`` and the exception types in ``errors`` (e.g. ``DatasetError``) end it with
-    ``ERROR: <message>`` on stderr and status 1, without a traceback.
+    ``NonFiniteLossError`` and the exception types in ``errors`` (e.g. ``DatasetError``, also when a DataLoader
+    worker raised it) end it with ``ERROR: <message>`` on stderr and status 1, without a traceback.
     """
     try:
         return main(args)
     except TrainingStopped as stop:
         sys.stderr.write(f"{stop}\n")
-        sys.exit(stop.exit_code)
+        status = stop.exit_code
     except (RunError, NonFiniteLossError, *errors) as err:
-        sys.exit(f"ERROR: {err}")
+        status = f"ERROR: {error_message(err)}"
+    finally:
+        end_loader_workers()
+    sys.exit(status)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -693,7 +718,8 @@ def atomic_save(obj, path: str):
     """``torch.save`` to ``path + '.tmp'``, flush and fsync, rename over ``path``, fsync the directory.
 
     A write error (disk full, file too large, read-only file system) raises an ``OSError`` naming the file, also
-    where ``torch.save`` reports it as an opaque ``RuntimeError``; ``path`` is then left as it was.
+    where ``torch.save`` reports it without a file name or as an opaque ``RuntimeError``; ``path`` is then left
+    as it was.
     """
     tmp = path + ".tmp"
     try:
@@ -702,9 +728,9 @@ def atomic_save(obj, path: str):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except RuntimeError as err:
+    except (OSError, RuntimeError) as err:
         cause = _os_error(err)
-        if cause is None:
+        if cause is None or (cause is err and (cause.filename or cause.errno is None)):
             raise
         raise OSError(cause.errno, cause.strerror, tmp) from err
     finally:
@@ -925,6 +951,15 @@ def add_common_args(parser: argparse.ArgumentParser):
     g.add_argument("--mean", default=None, nargs="+", action=FloatListAction, help="per-channel mean (raw units)")
     g.add_argument("--std", default=None, nargs="+", action=FloatListAction, help="per-channel std (raw units)")
     g.add_argument("--channel_stats", default=None, type=str, help="JSON with per-channel mean/std")
+    g.add_argument(
+        "--scale",
+        default=None,
+        type=float,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        help="training crop area range (default: 0.2 1 pretraining, 0.08 1 fine-tuning)",
+    )
+    g.add_argument("--hflip", default=0.5, type=float, metavar="P", help="training horizontal flip probability")
     g.add_argument("--vflip", action="store_true", help="add random vertical flips to training augmentation")
     g.add_argument("--allow_mixed_sizes", action="store_true", help="allow images of different sizes")
     g.add_argument("--skip_bad_samples", action="store_true", help="skip unreadable files instead of failing")
