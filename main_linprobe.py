@@ -32,7 +32,14 @@ def get_args_parser():
     g = parser.add_argument_group("optimizer")
     g.add_argument("--weight_decay", default=0.0, type=float)
     g.add_argument("--lr", default=None, type=float, metavar="LR", help="absolute lr (default: blr * eff_batch / 256)")
-    g.add_argument("--blr", default=0.1, type=float, metavar="LR", help="base lr for an effective batch of 256")
+    g.add_argument(
+        "--blr",
+        default=0.1,
+        type=float,
+        metavar="LR",
+        help="base lr for an effective batch of 256; MAE's 0.1 assumes a batch of 16384: LARS steps scale with the "
+        "weight norm, so small batches need a much larger value (e.g. 25-50 at batch 64)",
+    )
     g.add_argument("--min_lr", default=0.0, type=float, metavar="LR", help="lr floor of the cosine schedule")
     g.add_argument("--warmup_epochs", default=2, type=int, metavar="N")
     g.add_argument("--clip_grad", default=None, type=float, metavar="NORM", help="clip the gradient norm")
