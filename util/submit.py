@@ -24,7 +24,7 @@ import shlex
 import submitit
 import torch
 
-from util.misc import find_latest_checkpoint
+from util.misc import end_loader_workers, find_latest_checkpoint
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB_PATH_ARGS = ("job_dir", "output_dir", "log_dir")
@@ -106,7 +106,10 @@ class Trainer:
         if job_env.global_rank == 0:
             print(f"{job_env}; output_dir {args.output_dir}; resume: {args.resume or 'no'}", flush=True)
         module = importlib.import_module(self.main_module)
-        return module.main(args)
+        try:
+            return module.main(args)
+        finally:
+            end_loader_workers()  # DataLoader workers of a failed epoch would block the task's exit
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on SIGUSR2 (rank 0): a fresh Trainer resuming from the newest checkpoint."""
