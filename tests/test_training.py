@@ -218,3 +218,51 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
         + [n for n in os.listdir(output_dir) if n.startswith("events.out")]
     )
     assert torch.load(output_dir / "checkpoint-last.pth", weights_only=True)["epoch"] == 0
+
+
+PRETRAIN_FAST_PATHS = ["--model", "chamae_vit_tiny_patch16", *TINY_MAE, "--decoder", "cross", "--decode_ratio", "0.5"]
+FINETUNE_FAST_PATHS = ["--model", "channelvit_tiny_patch16", *TINY_VIT, "--hcs", "--mixup", "0.8", "--cutmix", "1.0"]
+
+
+def fast_path_run(script: str, flags: list[str], extra: list[str], digits: str, output_dir) -> list[dict]:
+    """One epoch of ``script`` with ``extra`` flags on the CPU; returns its log (pretraining reads the 6-channel
+    IHC tiles, fine-tuning the digits subset)."""
+    data = os.path.join(REPO, "sample_data", "ihc") if script == "main_pretrain.py" else digits
+    proc = run(script, "--data_path", data, *flags, *extra, "--epochs", "1", "--output_dir", str(output_dir))
+    amp = extra[extra.index("--amp") + 1] if "--amp" in extra else "none"
+    assert f"AMP: {amp}" in proc.stdout
+    log = read_log(output_dir)
+    assert len(log) == 1 and np.isfinite(log[0]["train_loss"])
+    assert torch.load(os.path.join(output_dir, "checkpoint-last.pth"), weights_only=True)["epoch"] == 0
+    return log
+
+
+@pytest.mark.parametrize(
+    "script, flags",
+    [
+        ("main_pretrain.py", [*PRETRAIN_FAST_PATHS, "--mask_mode", "spatial", "--hcs"]),
+        ("main_finetune.py", FINETUNE_FAST_PATHS),
+    ],
+    ids=["pretrain", "finetune"],
+)
+def test_bf16_autocast_and_grad_checkpointing_on_cpu(script, flags, digits, tmp_path, monkeypatch):
+    """The CUDA recipe's switches on the CPU: bf16 autocast, activation checkpointing, cross decoder / HCS / mixup.
+
+    oneDNN's bf16 matmuls use AMX where the CPU reports it; virtual machines that report AMX without enabling it
+    (this project's CI machines) then die of SIGILL, so the kernels are capped at AVX-512 BF16.
+    """
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    fast_path_run(script, flags, ["--amp", "bf16", "--grad_checkpointing"], digits, tmp_path / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script, flags",
+    [("main_pretrain.py", PRETRAIN_FAST_PATHS), ("main_finetune.py", FINETUNE_FAST_PATHS)],
+    ids=["pretrain", "finetune"],
+)
+def test_compile(script, flags, digits, tmp_path):
+    """``--compile`` (torch.compile, inductor on the CPU) trains and saves a checkpoint without the compile wrapper."""
+    fast_path_run(script, flags, ["--compile"], digits, tmp_path / "out")
+    state = torch.load(tmp_path / "out" / "checkpoint-last.pth", weights_only=True)["model"]
+    assert not any(key.startswith("_orig_mod.") for key in state)
