@@ -60,13 +60,7 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
         tracker.update(loss, step)
 
-        if misc.is_log_step(step, num_steps, print_freq):
-            loss_value, n = tracker.flush()
-            metric_logger.update(loss=(loss_value, n), lr=lr)
-            if log_writer is not None:
-                epoch_1000x = int((epoch + (step + 1) / num_steps) * 1000)
-                log_writer.add_scalar("train_loss", loss_value, epoch_1000x)
-                log_writer.add_scalar("lr", lr, epoch_1000x)
+        misc.log_train_step(step, num_steps, epoch, lr, tracker, metric_logger, log_writer, print_freq)
         if update and step + 1 < num_steps:  # a stop at the last step is handled once the epoch is saved
             misc.stop_if_requested(epoch, step, tracker, metric_logger, data_loader.batch_size)
 

@@ -6,7 +6,6 @@ on the bundled ``sample_data/digits``.
 """
 
 import argparse
-import datetime
 import json
 import os
 import time
@@ -219,10 +218,8 @@ def fit(args, model, model_without_ddp, eval_model, criterion, optimizer, loss_s
                 progress=progress,
             )
         except misc.TrainingStopped as stop:  # SIGTERM / SIGUSR1: save mid-epoch, then exit (misc.run_main)
-            extra = {"max_accuracy": max_accuracy, misc.PROGRESS_KEY: stop.progress}
-            stop.checkpoint = misc.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra, tag="last")
-            if log_writer is not None:
-                log_writer.flush()
+            extra = {"max_accuracy": max_accuracy}
+            misc.save_stopped(stop, args, epoch, model_without_ddp, optimizer, loss_scaler, log_writer, extra)
             raise
         progress = None
         test_stats = evaluate(data_loader_val, eval_model, device, args, channel_ids)
@@ -249,12 +246,7 @@ def fit(args, model, model_without_ddp, eval_model, criterion, optimizer, loss_s
         misc.write_log(args, log_stats, log_writer)
         misc.stop_after_epoch(args, epoch, path)
 
-    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
-    print(f"Training time {total_time}")
-    if log_writer is not None:
-        log_writer.close()
-    misc.restore_stop_handlers()
-    misc.cleanup_distributed()
+    misc.end_training(start_time, log_writer)
     return test_stats
 
 

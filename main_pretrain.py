@@ -5,7 +5,6 @@ else on the CPU, writing checkpoints, ``log.txt`` (one JSON line per epoch) and 
 """
 
 import argparse
-import datetime
 import os
 import time
 
@@ -136,10 +135,7 @@ def main(args):
                 model, data_loader_train, optimizer, device, epoch, loss_scaler, log_writer, args, channel_ids, progress
             )
         except misc.TrainingStopped as stop:  # SIGTERM / SIGUSR1: save mid-epoch, then exit (misc.run_main)
-            extra = {misc.PROGRESS_KEY: stop.progress}
-            stop.checkpoint = misc.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra, tag="last")
-            if log_writer is not None:
-                log_writer.flush()
+            misc.save_stopped(stop, args, epoch, model_without_ddp, optimizer, loss_scaler, log_writer)
             raise
         progress = None
         path = misc.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
@@ -151,12 +147,7 @@ def main(args):
         misc.write_log(args, {**log_stats, **misc.skip_stats(dataset_train)}, log_writer)
         misc.stop_after_epoch(args, epoch, path)
 
-    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
-    print(f"Training time {total_time}")
-    if log_writer is not None:
-        log_writer.close()
-    misc.restore_stop_handlers()
-    misc.cleanup_distributed()
+    misc.end_training(start_time, log_writer)
 
 
 if __name__ == "__main__":

@@ -463,6 +463,38 @@ def stop_if_requested(epoch: int, step: int, tracker: LossTracker, metric_logger
     raise TrainingStopped(signum, epoch, step + 1, meters, batch_size)
 
 
+def log_train_step(step, num_steps, epoch, lr, tracker, metric_logger, log_writer, print_freq):
+    """In an engine, after ``step``: at logging steps move the tracked losses to the host, into the meters and
+    TensorBoard (``train_loss`` and ``lr`` at x = 1000 x fractional epoch)."""
+    if not is_log_step(step, num_steps, print_freq):
+        return
+    loss_value, n = tracker.flush()
+    metric_logger.update(loss=(loss_value, n), lr=lr)
+    if log_writer is not None:
+        epoch_1000x = int((epoch + (step + 1) / num_steps) * 1000)
+        log_writer.add_scalar("train_loss", loss_value, epoch_1000x)
+        log_writer.add_scalar("lr", lr, epoch_1000x)
+
+
+def save_stopped(stop, args, epoch: int, model_without_ddp, optimizer, loss_scaler, log_writer, extra=None):
+    """After an engine raised ``TrainingStopped``: save ``checkpoint-last.pth`` with the position inside the epoch
+    (``PROGRESS_KEY``, read back by ``resume_progress``) and flush TensorBoard; ``run_main`` then exits."""
+    extra = {**(extra or {}), PROGRESS_KEY: stop.progress}
+    stop.checkpoint = save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra, tag="last")
+    if log_writer is not None:
+        log_writer.flush()
+
+
+def end_training(start_time: float, log_writer=None):
+    """After the last epoch: print the training time, close TensorBoard, restore the signal handlers and leave
+    the process group."""
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    if log_writer is not None:
+        log_writer.close()
+    restore_stop_handlers()
+    cleanup_distributed()
+
+
 def stop_after_epoch(args, epoch: int, checkpoint: str | None):
     """After ``epoch`` is saved (to ``checkpoint``): raise ``TrainingStopped`` if a stop signal came meanwhile
     (during evaluation or saving) and epochs remain."""
