@@ -102,11 +102,7 @@ def main(args):
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"Model = {args.model}, {n_parameters / 1e6:.2f}M trainable parameters")
 
-    eff_batch_size = args.batch_size * args.accum_iter * misc.get_world_size()
-    if args.lr is None:
-        args.lr = args.blr * eff_batch_size / 256
-    print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}, actual lr: {args.lr:.2e}")
-    print(f"accumulate grad iterations: {args.accum_iter}, effective batch size: {eff_batch_size}")
+    misc.scale_lr(args)
 
     param_groups = timm.optim.param_groups_weight_decay(
         model_without_ddp, args.weight_decay, no_weight_decay_list=model_without_ddp.no_weight_decay()
@@ -115,12 +111,7 @@ def main(args):
     loss_scaler = misc.NativeScaler(device, args.amp)
     print(f"AMP: {args.amp}; {misc.describe_optimizer(optimizer)}")
 
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == "cuda" else None
-        )
-    if args.compile:
-        model = torch.compile(model)
+    model, _ = misc.wrap_model(model, args, device)
 
     checkpoint = misc.load_model(args, model_without_ddp, optimizer, loss_scaler)
     progress = misc.resume_progress(checkpoint, args)
