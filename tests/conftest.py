@@ -1,7 +1,12 @@
 """Fixtures shared by the test modules."""
 
+import os
+import shutil
+
 import pytest
 import torch
+
+DIGITS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_data", "digits")
 
 
 @pytest.fixture
@@ -11,3 +16,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits_subset(tmp_path_factory):
+    """A function ``(train, val) -> path``: a class-balanced copy of sample_data/digits holding the first
+    ``train`` train and ``val`` val images of every class, with its channel_stats.json."""
+
+    def make(train: int, val: int):
+        dst = tmp_path_factory.mktemp("digits")
+        for split, count in (("train", train), ("val", val)):
+            for label in sorted(os.listdir(os.path.join(DIGITS, split))):
+                os.makedirs(dst / split / label)
+                for name in sorted(os.listdir(os.path.join(DIGITS, split, label)))[:count]:
+                    shutil.copy(os.path.join(DIGITS, split, label, name), dst / split / label / name)
+        shutil.copy(os.path.join(DIGITS, "channel_stats.json"), dst)
+        return dst
+
+    return make

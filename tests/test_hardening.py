@@ -190,16 +190,9 @@ def ihc(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
+def digits(digits_subset):
     """4 train and 2 val images per class of sample_data/digits (1 channel, 32x32 PNG)."""
-    src, dst = os.path.join(SAMPLE, "digits"), tmp_path_factory.mktemp("digits")
-    for split, count in (("train", 4), ("val", 2)):
-        for label in sorted(os.listdir(os.path.join(src, split))):
-            os.makedirs(dst / split / label)
-            for name in sorted(os.listdir(os.path.join(src, split, label)))[:count]:
-                shutil.copy(os.path.join(src, split, label, name), dst / split / label / name)
-    shutil.copy(os.path.join(src, "channel_stats.json"), dst)
-    return dst
+    return digits_subset(4, 2)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -64,16 +63,9 @@ def sha256(path) -> str:
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
+def digits(digits_subset):
     """A class-balanced subset of the bundled digits: 20 train and 10 val images per class."""
-    src, dst = os.path.join(REPO, "sample_data", "digits"), tmp_path_factory.mktemp("digits")
-    for split, count in (("train", 20), ("val", 10)):
-        for label in sorted(os.listdir(os.path.join(src, split))):
-            os.makedirs(dst / split / label)
-            for name in sorted(os.listdir(os.path.join(src, split, label)))[:count]:
-                shutil.copy(os.path.join(src, split, label, name), dst / split / label / name)
-    shutil.copy(os.path.join(src, "channel_stats.json"), dst)
-    return str(dst)
+    return str(digits_subset(20, 10))
 
 
 @pytest.fixture(scope="module")
