@@ -43,7 +43,10 @@ def test_bench_train_tiny_chamae_writes_json(tmp_path, isolation):
     assert result["peak_mem_mb"] >= 0
     assert result["mem_kind"] == "cpu_peak_rss_delta"
     assert result["fused_attn"] == "2/2"
-    assert result["sdpa_kernel"] != "math"
+    # which SDPA kernel serves a CPU call is torch's choice (flash_cpu on some releases, math on others): only the
+    # report's form is checked; that the model calls SDPA at all is the fused_attn count above
+    kernels = {"flash_cpu", "flash", "efficient", "cudnn", "math"}
+    assert set(result["sdpa_kernel"].split("+")) <= kernels, result["sdpa_kernel"]
     assert result["mfu"] is None and result["host_syncs"] is None
     assert math.isfinite(result["loss"])
 
