@@ -15,9 +15,9 @@ from timm.data import Mixup
 from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import adapt_input_conv
+from timm.optim import param_groups_layer_decay
 
 import models_vit
-import util.lr_decay as lrd
 import util.misc as misc
 from engine_finetune import evaluate, train_one_epoch
 from util.datasets import DatasetError, build_dataset
@@ -281,8 +281,8 @@ def main(args):
     print(f"Model = {args.model}, {n_parameters / 1e6:.2f}M trainable parameters")
 
     misc.scale_lr(args)
-    param_groups = lrd.param_groups_lrd(
-        model_without_ddp, args.weight_decay, model_without_ddp.no_weight_decay(), args.layer_decay
+    param_groups = param_groups_layer_decay(
+        model_without_ddp, args.weight_decay, model_without_ddp.no_weight_decay(), layer_decay=args.layer_decay
     )
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr)
     loss_scaler = misc.NativeScaler(device, args.amp)

@@ -27,6 +27,17 @@ class VisionTransformer(TimmVisionTransformer):
         """x: (N, C, H, W) -> logits (N, num_classes)."""
         return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layers for ``timm.optim.param_groups_layer_decay`` (BEiT / MAE layer-wise lr decay).
+
+        The tokenizer (``cls_token``, ``pos_embed``, ``patch_embed.*``, ``channel_embed``) is layer 0, ``blocks.i``
+        layer ``i + 1`` and everything else (final ``norm``, ``fc_norm``, ``head``) the top layer ``depth + 1``, so
+        with ``layer_decay`` d the head trains at the full lr and the tokenizer at ``d ** (depth + 1)``. timm's own
+        matcher would put the final norm with the last block and ``channel_embed`` at the top.
+        """
+        return dict(stem=r"^(?:cls_token|pos_embed|patch_embed|channel_embed)(?:\.|$)", blocks=r"^blocks\.(\d+)\.")
+
 
 class ChannelVisionTransformer(VisionTransformer):
     """ChannelViT: one token per (channel, patch), a shared single-plane patch projection, channel embeddings.

@@ -11,9 +11,9 @@ import random
 import numpy as np
 import pytest
 import torch
+from timm.optim import param_groups_layer_decay
 
 import models_vit
-import util.lr_decay as lrd
 import util.lr_sched as lr_sched
 import util.misc as misc
 from util.lars import LARS
@@ -234,25 +234,35 @@ def test_lars_semantics():
 # ----------------------------------------------------------------------------------------------- layer decay
 
 
-def test_layer_decay_groups():
-    depth, decay = 3, 0.5
+def expected_lr_scale_and_wd(name, param, depth, decay, wd, no_wd):
+    """The layer-decay rule of MAE fine-tuning, written out: tokenizer 0, blocks.i i + 1, the rest depth + 1."""
+    if name.split(".")[0] in ("cls_token", "pos_embed", "patch_embed", "channel_embed"):
+        layer_id = 0
+    elif name.startswith("blocks."):
+        layer_id = int(name.split(".")[1]) + 1
+    else:
+        layer_id = depth + 1
+    return decay ** (depth + 1 - layer_id), 0.0 if param.ndim == 1 or name in no_wd else wd
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16", "channelvit_tiny_patch16"])
+@pytest.mark.parametrize("global_pool", [False, True])
+def test_layer_decay_groups(name, global_pool):
+    """timm's param_groups_layer_decay with our group_matcher: the lr_scale and weight decay of each parameter."""
+    depth, decay, wd = 12, 0.5, 0.05
     model = models_vit.create_model(
-        "channelvit_tiny_patch16", img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, num_classes=5
+        name, img_size=16, patch_size=8, embed_dim=8, depth=depth, num_heads=2, num_classes=5, global_pool=global_pool
     )
-    groups = lrd.param_groups_lrd(model, 0.05, model.no_weight_decay(), decay)
+    model.blocks[3].mlp.fc1.weight.requires_grad = False
+    groups = param_groups_layer_decay(model, wd, model.no_weight_decay(), layer_decay=decay)
     by_param = {id(p): g for g in groups for p in g["params"]}
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-    for name, param in model.named_parameters():
+    assert sum(len(g["params"]) for g in groups) == len(by_param)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(by_param) == len(trainable)
+    for param_name, param in trainable:
         group = by_param[id(param)]
-        if name.split(".")[0] in ("cls_token", "pos_embed", "patch_embed", "channel_embed"):
-            layer_id = 0
-        elif name.startswith("blocks."):
-            layer_id = int(name.split(".")[1]) + 1
-        else:
-            layer_id = depth + 1
-        assert group["lr_scale"] == pytest.approx(decay ** (depth + 1 - layer_id)), name
-        no_decay = param.ndim == 1 or name in ("cls_token", "pos_embed", "channel_embed")
-        assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+        lr_scale, weight_decay = expected_lr_scale_and_wd(param_name, param, depth, decay, wd, model.no_weight_decay())
+        assert (group["lr_scale"], group["weight_decay"]) == (pytest.approx(lr_scale), weight_decay), param_name
     assert by_param[id(model.head.weight)]["lr_scale"] == 1.0
-    assert by_param[id(model.blocks[0].attn.qkv.bias)]["weight_decay"] == 0.0
-    assert by_param[id(model.blocks[0].norm1.weight)]["weight_decay"] == 0.0
+    assert by_param[id(model.blocks[10].attn.qkv.weight)]["lr_scale"] == pytest.approx(decay**2)
+    assert by_param[id(model.patch_embed.proj.weight)]["lr_scale"] == pytest.approx(decay ** (depth + 1))
