@@ -14,7 +14,7 @@ import torch
 from timm.data import Mixup
 from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import adapt_input_conv
+from timm.models import adapt_input_conv, clean_state_dict
 from timm.optim import param_groups_layer_decay
 
 import models_vit
@@ -96,7 +96,7 @@ def load_state_dict_from(path: str, args) -> dict:
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise misc.CheckpointError(f"{path} holds no model state dict (expected a dict of tensors under 'model')")
-    return misc.strip_prefixes(state_dict)
+    return clean_state_dict(state_dict)
 
 
 def build_model(args, dataset, reference_state: dict | None = None, **overrides):

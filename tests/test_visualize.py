@@ -225,6 +225,18 @@ def test_wrong_model_family_is_refused(tmp_path):
         model_from_checkpoint(path, model="mae_vit_tiny_patch16")
 
 
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_checkpoint_wrapper_prefixes_are_dropped(tmp_path, prefix):
+    """State dicts saved from a DDP and/or torch.compile wrapper (compile(DDP(m)) gives '_orig_mod.module.') load."""
+    torch.manual_seed(0)
+    model = tiny("mae_vit_tiny_patch16", in_chans=1, img_size=32)
+    path = tmp_path / "wrapped.pth"
+    torch.save({"model": {prefix + k: v for k, v in model.state_dict().items()}}, path)
+    loaded, _ = model_from_checkpoint(path, model="mae_vit_tiny_patch16", num_heads=2, decoder_num_heads=2)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
 def test_plot_logs(tmp_path):
     log = tmp_path / "log.txt"
     lines = [dict(epoch=e, train_loss=2.0 / (e + 1), train_lr=1e-3 * min(1, (e + 1) / 3)) for e in range(10)]

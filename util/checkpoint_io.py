@@ -24,13 +24,14 @@ import math
 import re
 
 import torch
+from timm.models import clean_state_dict
 from torchvision.transforms import v2
 
 import models_chamae
 import models_mae
 import models_vit
 from util.datasets import build_dataset, build_pretrain_dataset, build_transform
-from util.misc import CheckpointError, RunError, check_state_dict, load_checkpoint, parse_model_kwargs, strip_prefixes
+from util.misc import CheckpointError, RunError, check_state_dict, load_checkpoint, parse_model_kwargs
 from util.pos_embed import interpolate_pos_embed
 
 PRETRAIN_ONLY_KWARGS = ("norm_pix_loss", "decoder", "decode_ratio", "mask_mode", "hcs")
@@ -52,7 +53,7 @@ def split_checkpoint(checkpoint, path):
     args = checkpoint.get("args") if state_dict is not checkpoint else None
     if isinstance(args, argparse.Namespace):
         args = vars(args)
-    return strip_prefixes(state_dict), dict(args or {})
+    return clean_state_dict(state_dict), dict(args or {})
 
 
 def is_pretrain_state(state_dict):

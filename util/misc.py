@@ -842,16 +842,6 @@ def load_checkpoint(path: str, unsafe: bool = False) -> dict:
         raise CheckpointError(f"cannot read the checkpoint {path}: {reason}") from err
 
 
-def strip_prefixes(state_dict: dict) -> dict:
-    """Drop the 'module.' (DDP) and '_orig_mod.' (torch.compile) key prefixes."""
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.removeprefix(prefix)
-        out[key] = value
-    return out
-
-
 def check_state_dict(model, state_dict: dict, source: str, allow_missing=(), allow_unexpected: bool = False):
     """Raise ``CheckpointMismatchError`` unless ``state_dict`` fits ``model``.
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from timm.utils import unwrap_model
 
 import util.misc as misc
 
@@ -84,15 +85,6 @@ def seeded_rng(seed):
         misc.set_rng_state(state)
 
 
-def unwrap(model):
-    """The bare module under DistributedDataParallel and torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
-
-
 def token_to_pixel_mask(model, token_mask, C):
     """token_mask (N, L) or (N, C*L) of 0/1 -> bool (N, C, H, W), each token covering its patch (and channel)."""
     N = token_mask.shape[0]
@@ -116,7 +108,7 @@ def reconstruct(model, imgs, channel_ids=None, mask_ratio=0.75, seed=0):
     'mse' (N, C: mean squared error over each sample's masked pixels of each channel, NaN where none is
     masked) and 'channel_mse' (C,: the same over the whole batch).
     """
-    model = unwrap(model)
+    model = unwrap_model(model)
     was_training = model.training
     model.eval()
     imgs = imgs.float()
