@@ -11,7 +11,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from timm.optim import param_groups_layer_decay
+from timm.optim import Lars, param_groups_layer_decay
 
 import models_vit
 import util.lr_sched as lr_sched
@@ -229,6 +229,55 @@ def test_lars_semantics():
     trust = 0.001 * w0.norm() / update.norm()
     assert torch.allclose(weight, w0 - 0.5 * trust * update)
     assert torch.allclose(bias, b0 - 0.5 * bias.grad)  # 1-D: no weight decay, no trust ratio
+
+
+def mae_lars_reference(w, grads, lr, weight_decay, momentum, trust_coefficient=1e-3):
+    """The MAE LARS rule on one weight matrix, written out: the weight after one step per gradient."""
+    buf = None
+    for g in grads:
+        update = g + weight_decay * w
+        if w.norm() > 0 and update.norm() > 0:
+            update = update * trust_coefficient * w.norm() / update.norm()
+        buf = update if buf is None else momentum * buf + update
+        w = w - lr * buf
+    return w
+
+
+def step_ours_and_timm(w, b, grads, lr, weight_decay, momentum=0.9):
+    """Step our LARS and timm's Lars (ndim > 1: always adapting; ndim <= 1: plain momentum SGD, eps=0) from (w, b)."""
+    ours = [torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())]
+    theirs = [torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())]
+    lars = LARS(ours, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    timm_groups = [
+        dict(params=[theirs[0]], weight_decay=weight_decay, always_adapt=True),
+        dict(params=[theirs[1]], weight_decay=0.0, always_adapt=False),
+    ]
+    timm_lars = Lars(timm_groups, lr=lr, momentum=momentum, trust_coeff=1e-3, eps=0.0)
+    for g_w, g_b in grads:
+        for p, g in zip(ours + theirs, (g_w, g_b, g_w, g_b)):
+            p.grad = g.clone()
+        lars.step()
+        timm_lars.step()
+    return ours, theirs
+
+
+def test_lars_vs_timm():
+    """timm's Lars steps like ours without weight decay, and not with it (util/lars.py says why LARS is kept)."""
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    w, b = torch.randn(5, 16, **f64), torch.randn(5, **f64)
+    grads = [(torch.randn(5, 16, **f64), torch.randn(5, **f64)) for _ in range(2)]
+    ours, theirs = step_ours_and_timm(w, b, grads, lr=0.5, weight_decay=0.0)
+    torch.testing.assert_close(ours[0].detach(), mae_lars_reference(w, [g for g, _ in grads], 0.5, 0.0, 0.9))
+    torch.testing.assert_close(ours[1].detach(), b - 0.5 * (1.9 * grads[0][1] + grads[1][1]))
+    for mine, timm_param in zip(ours, theirs):
+        torch.testing.assert_close(mine, timm_param)
+    # g orthogonal to w, weight decay 1: ||g + w|| = 5, but timm divides by ||g|| + ||w|| = 7
+    w, g, zero = torch.tensor([[3.0, 0.0]], **f64), torch.tensor([[0.0, 4.0]], **f64), torch.zeros(1, **f64)
+    ours, theirs = step_ours_and_timm(w, zero, [(g, zero)], lr=1.0, weight_decay=1.0)
+    step = 1e-3 * 3.0 * torch.tensor([[3.0, 4.0]], **f64)
+    torch.testing.assert_close(ours[0].detach(), w - step / 5.0)
+    torch.testing.assert_close(theirs[0].detach(), w - step / 7.0)
 
 
 # ----------------------------------------------------------------------------------------------- layer decay
