@@ -2,6 +2,8 @@
 
 import builtins
 import json
+import subprocess
+import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -12,7 +14,6 @@ from PIL import Image
 
 import main_pretrain
 import models_chamae
-import plot_logs
 import visualize
 from util.checkpoint_io import eval_dataset, model_from_checkpoint
 from util.misc import CheckpointError
@@ -237,16 +238,65 @@ def test_checkpoint_wrapper_prefixes_are_dropped(tmp_path, prefix):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
-def test_plot_logs(tmp_path):
-    log = tmp_path / "log.txt"
+def plot_logs(*args) -> subprocess.CompletedProcess:
+    """Run the plot_logs.py command line."""
+    cmd = [sys.executable, str(ROOT / "plot_logs.py"), *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def write_log(path, records, tail=""):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(x) for x in records) + "\n" + tail)
+    return path
+
+
+def panel_has(img, k, n_panels, rgb):
+    """Whether panel k of n_panels side by side has a pixel of colour rgb."""
+    width = img.shape[1] // n_panels
+    return bool((img[:, k * width : (k + 1) * width, :3] == rgb).all(axis=-1).any())
+
+
+TAB_BLUE, TAB_ORANGE, TAB_GREEN = (31, 119, 180), (255, 127, 14), (44, 160, 44)
+
+
+def test_plot_logs_cli(tmp_path):
+    """Default panels (loss, lr, accuracy) of one log; --panel of two runs; a curve in each panel."""
     lines = [dict(epoch=e, train_loss=2.0 / (e + 1), train_lr=1e-3 * min(1, (e + 1) / 3)) for e in range(10)]
     lines += [dict(epoch=e, test_acc1=10.0 * e, test_loss=1.0 / (e + 1)) for e in range(0, 10, 2)]
-    log.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    log = write_log(tmp_path / "a" / "log.txt", lines, tail="\nnot json\n")
+    proc = plot_logs(log, "-o", tmp_path / "curves.png")
+    assert proc.returncode == 0, proc.stderr
+    img = np.asarray(Image.open(tmp_path / "curves.png").convert("RGB"))
+    assert img.shape == (320, 3 * 480, 3)
+    assert all(panel_has(img, k, 3, TAB_BLUE) for k in range(3))
+    assert panel_has(img, 0, 3, TAB_ORANGE) and not panel_has(img, 1, 3, TAB_ORANGE)  # test_loss; lr alone
+    other = write_log(tmp_path / "b" / "log.txt", [dict(epoch=e, train_loss=1.0, test_acc5=50.0) for e in range(3)])
+    panels = ["--panel", "train_loss", "--panel", "test_acc1,test_acc5"]
+    proc = plot_logs(log, other, "-o", tmp_path / "compare.png", *panels)
+    assert proc.returncode == 0, proc.stderr
+    img = np.asarray(Image.open(tmp_path / "compare.png").convert("RGB"))
+    assert img.shape == (320, 2 * 480, 3)
+    assert all(panel_has(img, k, 2, TAB_ORANGE) for k in range(2)) and not panel_has(img, 0, 2, TAB_GREEN)
+    assert "wrote" in proc.stdout and "(960x320)" in proc.stdout
+
+
+@pytest.mark.parametrize("case", ["missing log", "unwritable -o", "nothing to plot"])
+def test_plot_logs_errors(tmp_path, case):
+    """One 'ERROR:' line naming the file, status 1, no traceback, no image."""
+    log = write_log(tmp_path / "log.txt", [dict(epoch=0, train_loss=1.0)])
     out = tmp_path / "curves.png"
-    plot_logs.main([str(log), "-o", str(out)])
-    img = np.asarray(Image.open(out))
-    assert img.shape == (plot_logs.PANEL_H, 3 * plot_logs.PANEL_W, 3)
-    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 4
+    if case == "missing log":
+        log = tmp_path / "missing" / "log.txt"
+    elif case == "unwritable -o":
+        out = tmp_path / "no_such_dir" / "curves.png"
+    else:
+        log.write_text('{"epoch": 0, "train_loss": NaN}\nnot json\n')
+    proc = plot_logs(log, "-o", out)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ERROR:") and "Traceback" not in proc.stderr, proc.stderr
+    assert str(out if case == "unwritable -o" else log) in lines[0]
+    assert not out.exists()
 
 
 def test_finetuned_checkpoint_with_namespace_args(tmp_path):
