@@ -400,12 +400,13 @@ def test_nan_loss_names_epoch_and_first_bad_step(tmp_path, cli):
     assert cli("main_pretrain.py", *flags, "--epochs", "1")[0] == 0
     before = sha256(out_dir / "checkpoint-last.pth")
 
-    # NaN pixels in the second sample of step 2 of epoch 1 (the order the training sampler draws)
+    # pixels that are finite but overflow float32 in the model, in the second sample of step 2 of epoch 1 (the
+    # order the training sampler draws); NaN pixels would be named when read (test_nan_pixels_name_the_file)
     dataset = build_pretrain_dataset(argparse.Namespace(data_path=str(root), input_size=32, mean=[0], std=[1]))
     sampler = misc.EpochSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
     sampler.set_epoch(1)
     victim = dataset.samples[list(sampler)[2 * batch_size + 1]][0]
-    np.save(victim, np.full((1, 32, 32), np.nan, dtype=np.float32))
+    np.save(victim, np.full((1, 32, 32), 1e30, dtype=np.float32))
 
     code, out = cli("main_pretrain.py", *flags, "--epochs", "3", "--auto_resume")
     assert code == (
@@ -416,6 +417,26 @@ def test_nan_loss_names_epoch_and_first_bad_step(tmp_path, cli):
     assert sha256(out_dir / "checkpoint-last.pth") == before
     assert checkpoint_files(out_dir) == ["checkpoint-0.pth", "checkpoint-last.pth"]
     assert [entry["epoch"] for entry in read_log(out_dir)] == [0]
+
+
+def test_nan_pixels_name_the_file(tmp_path, cli):
+    """Before: 'Loss is not finite at epoch 0, step 1', naming no file. The pixels are checked where they are
+    read, here in a DataLoader worker; --nan_fill replaces them."""
+    root = tmp_path / "data"
+    victim = write_npy_folder(root, 16)[5]
+    pixels = np.load(victim)
+    pixels[0, 3, 4] = np.nan
+    np.save(victim, pixels)
+    flags = ["--data_path", root, "--mean", "0", "--std", "1", "--epochs", "1", "--batch_size", "4"]
+    flags += ["--num_workers", "1", *TINY_MAE]
+    code, out = cli("main_pretrain.py", *flags, "--output_dir", tmp_path / "strict")
+    assert code == (
+        f"ERROR: {victim} has 1 NaN or infinite pixel values (of 1024); pass --nan_fill VALUE to replace them, "
+        "or --skip_bad_samples to leave the sample out (in DataLoader worker process 0)"
+    )
+    assert "Start training" in out and not multiprocessing.active_children()
+    code, _ = cli("main_pretrain.py", *flags, "--output_dir", tmp_path / "filled", "--nan_fill", "0")
+    assert code == 0 and np.isfinite(read_log(tmp_path / "filled")[0]["train_loss"])
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints

@@ -973,6 +973,24 @@ class FloatListAction(argparse.Action):
         setattr(namespace, self.dest, floats)
 
 
+def add_reading_args(group):
+    """``--channel_axis`` and ``--nan_fill``: how pixels are read, for every script that reads data."""
+    group.add_argument(
+        "--channel_axis",
+        default=None,
+        choices=["first", "last"],
+        help="channel axis of 3-D TIFF/NPY arrays: first (C, H, W) or last (H, W, C) (default: from each file's "
+        "shape; a shape that fits both or neither, such as 64x64x64, is an error)",
+    )
+    group.add_argument(
+        "--nan_fill",
+        default=None,
+        type=float,
+        metavar="VALUE",
+        help="replace NaN and infinite pixels by VALUE (raw units) when reading (default: such a file is an error)",
+    )
+
+
 def add_common_args(parser: argparse.ArgumentParser):
     """Flags shared by main_pretrain, main_finetune and main_linprobe (data, runtime, checkpoints, distributed)."""
     g = parser.add_argument_group("data")
@@ -995,6 +1013,7 @@ def add_common_args(parser: argparse.ArgumentParser):
     g.add_argument("--vflip", action="store_true", help="add random vertical flips to training augmentation")
     g.add_argument("--allow_mixed_sizes", action="store_true", help="allow images of different sizes")
     g.add_argument("--skip_bad_samples", action="store_true", help="skip unreadable files instead of failing")
+    add_reading_args(g)
 
     g = parser.add_argument_group("runtime")
     g.add_argument("--output_dir", default="./output_dir", help="where checkpoints and log.txt go ('' = nowhere)")
