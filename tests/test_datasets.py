@@ -3,6 +3,7 @@
 import importlib
 import json
 import logging
+import os
 import subprocess
 import sys
 from argparse import Namespace
@@ -247,6 +248,20 @@ def test_csv_path_column_relative_paths(tmp_path):
     ds = build_pretrain_dataset(args(tmp_path / "index.csv"))
     assert len(ds) == 3 and all(label == -1 for _, label in ds.samples)
     np.testing.assert_array_equal(ds.load_raw(1), arrays[1])
+
+
+def test_symlink_loops_are_followed_once(tmp_path):
+    """8 files; links back up the tree (one loop, then two) and a second link to a folder add no samples."""
+    root = tmp_path / "data"
+    for folder, count in (("", 2), ("a", 2), ("a/deep", 2), ("b", 2)):
+        tiff_folder(root / folder, n=count, c=1)
+    (root / "a" / "deep" / "up").symlink_to(root, target_is_directory=True)
+    one_loop = build_pretrain_dataset(args(root, mean=[0], std=[1]))
+    assert len(one_loop) == 8 and len({os.path.realpath(p) for p, _ in one_loop.samples}) == 8
+    (root / "b" / "up").symlink_to("..", target_is_directory=True)
+    (root / "also_a").symlink_to(root / "a", target_is_directory=True)
+    two_loops = build_pretrain_dataset(args(root, mean=[0], std=[1]))
+    assert sorted(p for p, _ in two_loops.samples) == sorted(p for p, _ in one_loop.samples)
 
 
 # ---------------------------------------------------------------------------------------------- statistics

@@ -50,6 +50,9 @@ NaN and infinite pixels: a float file holding any is an error naming it (``NonFi
 pixels are read, in training as in the statistics, which name every such file; ``--nan_fill VALUE``
 replaces them by VALUE (raw units) instead, and ``--skip_bad_samples`` treats the file as a corrupt one.
 Other no-data markers (such as -9999) are ordinary pixels to this check.
+
+Folders are scanned recursively, following directory links, but each real directory once: a link loop or
+a second link to a folder adds no samples.
 """
 
 import argparse
@@ -331,11 +334,27 @@ def _header_or_error(path, channel_axis=None):
 # ---------------------------------------------------------------------------------------------- layouts
 
 
+def _unseen_dirs(dirpath, dirnames, seen):
+    """The non-hidden entries of dirnames whose real path is not in seen (which gains them), sorted."""
+    kept = []
+    for name in sorted(d for d in dirnames if not d.startswith(".")):
+        real = os.path.realpath(os.path.join(dirpath, name))
+        if real in seen:
+            logger.warning(
+                "not following %s: it leads to %s, which is scanned already", os.path.join(dirpath, name), real
+            )
+            continue
+        seen.add(real)
+        kept.append(name)
+    return kept
+
+
 def _scan(folder):
-    """Image files under folder, recursively and sorted; hidden entries are skipped."""
-    found = []
+    """Image files under folder, recursively and sorted; hidden entries are skipped. Directory links are followed,
+    but every real directory is scanned once, so a link loop or a second link to a folder adds no samples."""
+    found, seen = [], {os.path.realpath(folder)}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = _unseen_dirs(dirpath, dirnames, seen)
         found += [
             os.path.join(dirpath, name)
             for name in filenames
