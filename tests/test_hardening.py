@@ -25,6 +25,7 @@ import re
 import runpy
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -61,6 +62,19 @@ def save_then_die(obj, f, *args, **kwargs):
 torch.save = save_then_die
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+# Locks the output directory given as argument, forks a child that lives until its stdin closes, then SIGKILLs
+# itself: the child outlives the lock holder.
+HOLD_LOCK_FORK_AND_DIE = """
+import os, signal, sys
+import util.misc as misc
+misc.lock_output_dir(sys.argv[1])
+if os.fork() == 0:
+    sys.stdin.read()
+    os._exit(0)
+print("locked", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
@@ -307,6 +321,55 @@ def test_read_only_output_dir_fails_before_training(ihc, tmp_path, cli):
         target.chmod(0o700)
     assert str(code).startswith(f"ERROR: --output_dir {target} is not a writable directory: [Errno 13]")
     assert "Start training" not in out
+
+
+def test_a_run_owns_its_output_dir(ihc, tmp_path, cli):
+    """Before: a second run on the same --output_dir and a rerun without --auto_resume both exited 0, the first
+    interleaving its epochs with the running one in log.txt, the second appending to it. Now the second run is
+    refused with the owner's PID, the owner's SIGKILL leaves no stale lock, and a rerun must say --auto_resume."""
+    out_dir = tmp_path / "out"
+    flags = pretrain_flags(ihc, out_dir)
+    owner = start("main_pretrain.py", *flags, "--epochs", "50")
+    wait_for(owner, EPOCH_1_STARTED)
+    code, out = cli("main_pretrain.py", *flags)
+    assert code == (
+        f"ERROR: --output_dir {out_dir} is in use by another run: PID {owner.pid} on {socket.gethostname()} "
+        f"holds {out_dir / misc.LOCK_FILENAME}. Wait for it to end, or choose another --output_dir"
+    )
+    assert "train:" not in out
+    owner.kill()
+    owner.communicate(timeout=60)
+    code, out = cli("main_pretrain.py", *flags, "--auto_resume")
+    assert code == 0 and "continuing at epoch 1" in out
+    assert [entry["epoch"] for entry in read_log(out_dir)] == [0, 1]
+
+    code, out = cli("main_pretrain.py", *flags)
+    assert code == (
+        f"ERROR: --output_dir {out_dir} holds an earlier run (checkpoint-0.pth, checkpoint-1.pth, "
+        "checkpoint-last.pth, log.txt); pass --auto_resume to continue it, or choose another (or an empty) --output_dir"
+    )
+    assert "train:" not in out and len(read_log(out_dir)) == 2
+
+
+def test_output_dir_lock_dies_with_its_process_not_its_children(tmp_path):
+    """A process that locked --output_dir is SIGKILLed while a child it forked lives on (as DataLoader workers do
+    for a moment): the lock is free at once."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK_FORK_AND_DIE, str(tmp_path)],
+        cwd=REPO,
+        env=ENV,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    try:
+        misc.lock_output_dir(str(tmp_path))
+        assert (tmp_path / misc.LOCK_FILENAME).read_text() == f"PID {os.getpid()} on {socket.gethostname()}\n"
+    finally:
+        misc.release_output_dir()
+        proc.stdin.close()  # ends the child
 
 
 def test_disk_full_at_save_keeps_previous_checkpoint(ihc, reference, tmp_path, cli):
