@@ -64,6 +64,7 @@ import math
 import multiprocessing
 import os
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,6 +255,11 @@ def read_image(path, channel_axis=None):
 # ---------------------------------------------------------------------------------------------- headers
 
 
+# numpy parses an .npy header with ast.literal_eval; on CPython 3.11 building an AST is not thread-safe (a thread
+# switch inside it raises "SystemError: AST constructor recursion depth mismatch"), so header threads take turns
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 def _check_length(path, needed):
     size = os.path.getsize(path)
     if needed > size:
@@ -275,7 +281,7 @@ def _tiff_header(path, channel_axis):
 
 
 def _npy_header(path, channel_axis):
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, _NPY_HEADER_LOCK:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
             shape, _, dtype = np.lib.format.read_array_header_1_0(f)
