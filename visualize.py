@@ -60,6 +60,7 @@ def get_args_parser():
     g.add_argument("--mean", default=None, type=float, nargs="+")
     g.add_argument("--std", default=None, type=float, nargs="+")
     g.add_argument("--channel_stats", default=None)
+    misc.add_reading_args(g)
     return parser
 
 

@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -231,6 +232,12 @@ def run_cli(script, argv, log_path, threads=0):
     return seconds
 
 
+def fresh_dir(path):
+    """Create ``path`` empty: a rerun measures from scratch (the training CLIs refuse a folder holding a run)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
 def last_log_line(output_dir):
     """The last JSON line of output_dir/log.txt (main_* write one per epoch)."""
     lines = (Path(output_dir) / "log.txt").read_text().splitlines()
@@ -242,7 +249,7 @@ def pretrain(args, cfg, seed, dataset, output_dir):
 
     Returns (checkpoint path, wall seconds, last epoch's train loss or None).
     """
-    output_dir.mkdir(parents=True, exist_ok=True)
+    fresh_dir(output_dir)
     argv = pretrain_argv(args, cfg, seed, dataset, output_dir)
     if not cfg["trained"]:
         return write_initial_checkpoint(argv, output_dir / "checkpoint-init.pth"), 0.0, None
@@ -372,7 +379,7 @@ def linear_probe(args, ckpt, seed, output_dir):
     argv += ["--blr", str(args.probe_blr), "--batch_size", str(args.probe_batch_size)]
     argv += ["--seed", str(seed), "--device", args.device, "--num_workers", str(args.num_workers)]
     argv += ["--output_dir", str(output_dir), "--print_freq", "1000"]
-    output_dir.mkdir(parents=True, exist_ok=True)
+    fresh_dir(output_dir)
     seconds = run_cli("main_linprobe.py", argv, output_dir / "linprobe.log", args.threads)
     return last_log_line(output_dir)["test_acc1"], seconds
 

@@ -1,7 +1,9 @@
 """Data layer: readers, layouts, channel selection, statistics, normalisation, transforms, errors, sample data."""
 
+import importlib
 import json
 import logging
+import os
 import subprocess
 import sys
 from argparse import Namespace
@@ -13,11 +15,14 @@ import tifffile
 import torch
 from PIL import Image
 
+import models_chamae
 from util import datasets
+from util.checkpoint_io import inherit_data_args
 from util.datasets import (
     CorruptFileError,
     DatasetError,
     MissingPathError,
+    NonFinitePixelsError,
     build_dataset,
     build_pretrain_dataset,
     build_transform,
@@ -82,6 +87,85 @@ def test_npy_and_layout_rule(tmp_path):
     np.save(tmp_path / "ambiguous.npy", np.zeros((100, 3, 100), np.float32))
     with pytest.raises(DatasetError, match="ambiguous.npy.*channel axis"):
         read_image(tmp_path / "ambiguous.npy")
+
+
+def write_array(path, a):
+    """a as a .npy or a multi-page .tif (one page per leading index), by path's suffix."""
+    if path.suffix == ".npy":
+        np.save(path, a)
+    else:
+        tifffile.imwrite(path, a, photometric="minisblack")
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".tif"])
+def test_200_band_arrays_read_the_right_way_round(tmp_path, suffix):
+    """Hyperspectral cubes of 200 bands, stored channels-first or channels-last, become (200, 64, 64) samples."""
+    cube = stack(200, 64, 64)
+    write_array(tmp_path / f"first{suffix}", cube)
+    write_array(tmp_path / f"last{suffix}", cube.transpose(1, 2, 0))
+    ds = build_pretrain_dataset(args(tmp_path, mean=[0] * 200, std=[1] * 200))
+    assert (ds.in_chans, ds.num_channels, len(ds)) == (200, 200, 2)
+    for i in range(2):
+        np.testing.assert_array_equal(ds.load_raw(i), cube)
+    img, _ = ds[0]
+    assert img.shape == (200, 16, 16)
+    model = models_chamae.create_model(
+        "chamae_vit_tiny_patch16", img_size=16, patch_size=8, in_chans=200, embed_dim=32, depth=1, num_heads=2,
+        decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
+    )  # fmt: skip
+    loss, pred, mask = model(torch.stack([ds[0][0], ds[1][0]]), 0.75, torch.as_tensor(ds.channel_ids))
+    assert pred.shape == (2, 200 * 4, 64) and mask.shape == (2, 800) and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 64), (3, 64, 3), (30, 40, 50)])
+@pytest.mark.parametrize("suffix", [".npy", ".tif"])
+def test_ambiguous_channel_axis_needs_the_flag(tmp_path, shape, suffix):
+    a = stack(*shape)
+    write_array(tmp_path / f"cube{suffix}", a)
+    with pytest.raises(DatasetError) as error:
+        build_pretrain_dataset(args(tmp_path))
+    assert f"cube{suffix}: cannot tell the channel axis of shape {shape}" in str(error.value)
+    assert "--channel_axis first for (C, H, W) or --channel_axis last for (H, W, C)" in str(error.value)
+    first = build_pretrain_dataset(args(tmp_path, channel_axis="first"))
+    last = build_pretrain_dataset(args(tmp_path, channel_axis="last"))
+    np.testing.assert_array_equal(first.load_raw(0), a)
+    np.testing.assert_array_equal(last.load_raw(0), a.transpose(2, 0, 1))
+    assert (first.in_chans, last.in_chans) == (shape[0], shape[2])
+
+
+def stats_cli(*argv):
+    """``python -m util.datasets stats ARGV`` in this process -> 0 or its ``ERROR: ...`` exit message."""
+    try:
+        datasets.main(["stats", *map(str, argv)])
+    except SystemExit as exit:
+        return exit.code
+    return 0
+
+
+def test_channel_axis_in_the_stats_tool(tmp_path):
+    a = stack(64, 64, 64)
+    np.save(tmp_path / "cube.npy", a)
+    flags = ["--data_path", tmp_path, "--out", tmp_path / "stats.json"]
+    code = stats_cli(*flags)
+    assert code.startswith(f"ERROR: {tmp_path / 'cube.npy'}: cannot tell the channel axis of shape (64, 64, 64)")
+    assert "--channel_axis last" in code and not (tmp_path / "stats.json").exists()
+    assert stats_cli(*flags, "--channel_axis", "last") == 0
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    np.testing.assert_allclose(stats["mean"], a.mean(axis=(0, 1)), rtol=1e-9)
+
+
+@pytest.mark.parametrize("script", ["main_pretrain", "main_finetune", "main_linprobe", "visualize", "extract_features"])
+def test_every_tool_takes_the_reading_flags(script):
+    """--channel_axis and --nan_fill on every script that reads data; the evaluation tools inherit them from the
+    checkpoint they read, like the other data flags."""
+    parser = importlib.import_module(script).get_args_parser()
+    parsed = parser.parse_args(["--resume", "ckpt.pth", "--channel_axis", "last", "--nan_fill", "-1"])
+    assert (parsed.channel_axis, parsed.nan_fill) == ("last", -1.0)
+    if script in ("visualize", "extract_features"):
+        unset = parser.parse_args(["--resume", "ckpt.pth", "--data_path", "data"])
+        model = Namespace(patch_embed=Namespace(img_size=(32, 32)))
+        inherit_data_args(unset, {"channel_axis": "first", "nan_fill": 0.0}, model)
+        assert (unset.channel_axis, unset.nan_fill) == ("first", 0.0)
 
 
 def test_png_gray_rgb_and_16bit(tmp_path):
@@ -166,6 +250,20 @@ def test_csv_path_column_relative_paths(tmp_path):
     np.testing.assert_array_equal(ds.load_raw(1), arrays[1])
 
 
+def test_symlink_loops_are_followed_once(tmp_path):
+    """8 files; links back up the tree (one loop, then two) and a second link to a folder add no samples."""
+    root = tmp_path / "data"
+    for folder, count in (("", 2), ("a", 2), ("a/deep", 2), ("b", 2)):
+        tiff_folder(root / folder, n=count, c=1)
+    (root / "a" / "deep" / "up").symlink_to(root, target_is_directory=True)
+    one_loop = build_pretrain_dataset(args(root, mean=[0], std=[1]))
+    assert len(one_loop) == 8 and len({os.path.realpath(p) for p, _ in one_loop.samples}) == 8
+    (root / "b" / "up").symlink_to("..", target_is_directory=True)
+    (root / "also_a").symlink_to(root / "a", target_is_directory=True)
+    two_loops = build_pretrain_dataset(args(root, mean=[0], std=[1]))
+    assert sorted(p for p, _ in two_loops.samples) == sorted(p for p, _ in one_loop.samples)
+
+
 # ---------------------------------------------------------------------------------------------- statistics
 
 
@@ -208,6 +306,44 @@ def test_stats_cli(tmp_path):
     cmd = [sys.executable, "-m", "util.datasets", "stats", "--data_path", str(tmp_path / "data"), "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     assert len(json.loads(out.read_text())["std"]) == 2
+
+
+def test_nan_pixels_are_named_filled_or_skipped(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(size=(2, 8, 8)).astype(np.float32) for _ in range(4)]
+    arrays[1][0, 2, 3] = np.nan
+    arrays[3][1, 0, :2] = np.inf, -np.inf
+    for i, a in enumerate(arrays):
+        np.save(tmp_path / f"s{i}.npy", a)
+    assert stats_cli("--data_path", tmp_path) == (
+        "ERROR: 2 of 4 samples have NaN or infinite pixels, so their statistics would be NaN: "
+        f"{tmp_path / 's1.npy'} has 1 NaN or infinite pixel values (of 128); "
+        f"{tmp_path / 's3.npy'} has 2 NaN or infinite pixel values (of 128). "
+        "Pass --nan_fill VALUE to replace those pixels, or --skip_bad_samples to leave the samples out"
+    )
+    assert not (tmp_path / "channel_stats.json").exists()
+    with pytest.raises(NonFinitePixelsError, match="2 of 4 samples"):
+        build_pretrain_dataset(args(tmp_path))  # no --mean/--std: the estimate reads them all
+
+    assert stats_cli("--data_path", tmp_path, "--nan_fill", "0") == 0
+    filled = [np.nan_to_num(a, nan=0, posinf=0, neginf=0) for a in arrays]
+    stats = json.loads((tmp_path / "channel_stats.json").read_text())
+    np.testing.assert_allclose(stats["mean"], concat_pixels(filled).mean(1), rtol=1e-6)
+    np.testing.assert_allclose(stats["std"], concat_pixels(filled).std(1), rtol=1e-6)
+
+    strict = build_pretrain_dataset(args(tmp_path, mean=[0, 0], std=[1, 1]))
+    with pytest.raises(NonFinitePixelsError, match=r"s1.npy has 1 NaN or infinite pixel values \(of 128\); pass --nan"):
+        strict[1]
+    np.testing.assert_array_equal(strict.load_raw(0), arrays[0])
+    with pytest.raises(NonFinitePixelsError, match="s3.npy has 2"):
+        strict[3]
+    only_first = build_pretrain_dataset(args(tmp_path, channels="0", mean=[0], std=[1]))
+    np.testing.assert_array_equal(only_first.load_raw(3), arrays[3][:1])  # the channels not read are not checked
+    filled_ds = build_pretrain_dataset(args(tmp_path, mean=[0, 0], std=[1, 1], nan_fill=-1))
+    np.testing.assert_array_equal(filled_ds.load_raw(1), np.nan_to_num(arrays[1], nan=-1))
+    skipping = build_pretrain_dataset(args(tmp_path, mean=[0, 0], std=[1, 1], skip_bad_samples=True))
+    img, _ = skipping[1]
+    assert torch.isfinite(img).all() and skipping.num_skipped == 1
 
 
 # ---------------------------------------------------------------------------------------------- normalisation

@@ -25,6 +25,7 @@ import re
 import runpy
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -61,6 +62,19 @@ def save_then_die(obj, f, *args, **kwargs):
 torch.save = save_then_die
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+# Locks the output directory given as argument, forks a child that lives until its stdin closes, then SIGKILLs
+# itself: the child outlives the lock holder.
+HOLD_LOCK_FORK_AND_DIE = """
+import os, signal, sys
+import util.misc as misc
+misc.lock_output_dir(sys.argv[1])
+if os.fork() == 0:
+    sys.stdin.read()
+    os._exit(0)
+print("locked", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
@@ -309,6 +323,55 @@ def test_read_only_output_dir_fails_before_training(ihc, tmp_path, cli):
     assert "Start training" not in out
 
 
+def test_a_run_owns_its_output_dir(ihc, tmp_path, cli):
+    """Before: a second run on the same --output_dir and a rerun without --auto_resume both exited 0, the first
+    interleaving its epochs with the running one in log.txt, the second appending to it. Now the second run is
+    refused with the owner's PID, the owner's SIGKILL leaves no stale lock, and a rerun must say --auto_resume."""
+    out_dir = tmp_path / "out"
+    flags = pretrain_flags(ihc, out_dir)
+    owner = start("main_pretrain.py", *flags, "--epochs", "50")
+    wait_for(owner, EPOCH_1_STARTED)
+    code, out = cli("main_pretrain.py", *flags)
+    assert code == (
+        f"ERROR: --output_dir {out_dir} is in use by another run: PID {owner.pid} on {socket.gethostname()} "
+        f"holds {out_dir / misc.LOCK_FILENAME}. Wait for it to end, or choose another --output_dir"
+    )
+    assert "train:" not in out
+    owner.kill()
+    owner.communicate(timeout=60)
+    code, out = cli("main_pretrain.py", *flags, "--auto_resume")
+    assert code == 0 and "continuing at epoch 1" in out
+    assert [entry["epoch"] for entry in read_log(out_dir)] == [0, 1]
+
+    code, out = cli("main_pretrain.py", *flags)
+    assert code == (
+        f"ERROR: --output_dir {out_dir} holds an earlier run (checkpoint-0.pth, checkpoint-1.pth, "
+        "checkpoint-last.pth, log.txt); pass --auto_resume to continue it, or choose another (or an empty) --output_dir"
+    )
+    assert "train:" not in out and len(read_log(out_dir)) == 2
+
+
+def test_output_dir_lock_dies_with_its_process_not_its_children(tmp_path):
+    """A process that locked --output_dir is SIGKILLed while a child it forked lives on (as DataLoader workers do
+    for a moment): the lock is free at once."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK_FORK_AND_DIE, str(tmp_path)],
+        cwd=REPO,
+        env=ENV,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    try:
+        misc.lock_output_dir(str(tmp_path))
+        assert (tmp_path / misc.LOCK_FILENAME).read_text() == f"PID {os.getpid()} on {socket.gethostname()}\n"
+    finally:
+        misc.release_output_dir()
+        proc.stdin.close()  # ends the child
+
+
 def test_disk_full_at_save_keeps_previous_checkpoint(ihc, reference, tmp_path, cli):
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full to make writes fail with ENOSPC")
@@ -400,12 +463,13 @@ def test_nan_loss_names_epoch_and_first_bad_step(tmp_path, cli):
     assert cli("main_pretrain.py", *flags, "--epochs", "1")[0] == 0
     before = sha256(out_dir / "checkpoint-last.pth")
 
-    # NaN pixels in the second sample of step 2 of epoch 1 (the order the training sampler draws)
+    # pixels that are finite but overflow float32 in the model, in the second sample of step 2 of epoch 1 (the
+    # order the training sampler draws); NaN pixels would be named when read (test_nan_pixels_name_the_file)
     dataset = build_pretrain_dataset(argparse.Namespace(data_path=str(root), input_size=32, mean=[0], std=[1]))
     sampler = misc.EpochSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
     sampler.set_epoch(1)
     victim = dataset.samples[list(sampler)[2 * batch_size + 1]][0]
-    np.save(victim, np.full((1, 32, 32), np.nan, dtype=np.float32))
+    np.save(victim, np.full((1, 32, 32), 1e30, dtype=np.float32))
 
     code, out = cli("main_pretrain.py", *flags, "--epochs", "3", "--auto_resume")
     assert code == (
@@ -416,6 +480,26 @@ def test_nan_loss_names_epoch_and_first_bad_step(tmp_path, cli):
     assert sha256(out_dir / "checkpoint-last.pth") == before
     assert checkpoint_files(out_dir) == ["checkpoint-0.pth", "checkpoint-last.pth"]
     assert [entry["epoch"] for entry in read_log(out_dir)] == [0]
+
+
+def test_nan_pixels_name_the_file(tmp_path, cli):
+    """Before: 'Loss is not finite at epoch 0, step 1', naming no file. The pixels are checked where they are
+    read, here in a DataLoader worker; --nan_fill replaces them."""
+    root = tmp_path / "data"
+    victim = write_npy_folder(root, 16)[5]
+    pixels = np.load(victim)
+    pixels[0, 3, 4] = np.nan
+    np.save(victim, pixels)
+    flags = ["--data_path", root, "--mean", "0", "--std", "1", "--epochs", "1", "--batch_size", "4"]
+    flags += ["--num_workers", "1", *TINY_MAE]
+    code, out = cli("main_pretrain.py", *flags, "--output_dir", tmp_path / "strict")
+    assert code == (
+        f"ERROR: {victim} has 1 NaN or infinite pixel values (of 1024); pass --nan_fill VALUE to replace them, "
+        "or --skip_bad_samples to leave the sample out (in DataLoader worker process 0)"
+    )
+    assert "Start training" in out and not multiprocessing.active_children()
+    code, _ = cli("main_pretrain.py", *flags, "--output_dir", tmp_path / "filled", "--nan_fill", "0")
+    assert code == 0 and np.isfinite(read_log(tmp_path / "filled")[0]["train_loss"])
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints

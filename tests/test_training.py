@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import models_mae
+import util.misc as misc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENCODER = ["--input_size", "32", "--patch_size", "8", "--num_workers", "0"]
@@ -177,8 +178,9 @@ def test_official_mae_checkpoint_finetunes(digits, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    """Finite pixels that overflow float32 in the model (NaN pixels are named when read: tests/test_hardening.py)."""
     rng = np.random.default_rng(0)
-    for name, fill in (("clean", None), ("nan", np.nan)):
+    for name, fill in (("clean", None), ("overflow", 1e30)):
         os.makedirs(tmp_path / name)
         for i in range(16):
             image = rng.normal(size=(1, 32, 32)).astype(np.float32) if fill is None else np.full((1, 32, 32), fill)
@@ -200,13 +202,13 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     run("main_pretrain.py", "--data_path", str(tmp_path / "clean"), *flags, "--epochs", "1")
     before = sha256(output_dir / "checkpoint-last.pth")
 
-    proc = run("main_pretrain.py", "--data_path", str(tmp_path / "nan"), "--auto_resume", *flags, check=False)
+    proc = run("main_pretrain.py", "--data_path", str(tmp_path / "overflow"), "--auto_resume", *flags, check=False)
     assert proc.returncode == 1
     assert "ERROR: Loss is not finite at epoch 1, step 0; stopping training." in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sha256(output_dir / "checkpoint-last.pth") == before
     assert sorted(os.listdir(output_dir)) == sorted(
-        ["checkpoint-0.pth", "checkpoint-last.pth", "log.txt"]
+        ["checkpoint-0.pth", "checkpoint-last.pth", "log.txt", misc.LOCK_FILENAME]
         + [n for n in os.listdir(output_dir) if n.startswith("events.out")]
     )
     assert torch.load(output_dir / "checkpoint-last.pth", weights_only=True)["epoch"] == 0

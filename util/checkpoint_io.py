@@ -228,7 +228,7 @@ def model_from_checkpoint(path, model=None, input_size=None, encoder_only=False,
     return net, dict(name=name, kind="pretrain" if pretrain else "classifier", args=args, epoch=epoch)
 
 
-DATA_FLAGS = ("data_path", "channels", "mean", "std", "channel_stats")
+DATA_FLAGS = ("data_path", "channels", "mean", "std", "channel_stats", "channel_axis", "nan_fill")
 """Data flags that default to the values the checkpoint was trained with."""
 
 SPLITS = ("pretrain", "train", "val")

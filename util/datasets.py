@@ -6,10 +6,14 @@ Readers
     (PIL; 16-bit colour PNGs, which PIL would cut to 8 bit, are decoded with imagecodecs).
 
 Layout rule for TIFF and NPY arrays
-    (H, W) -> (1, H, W). Leading size-1 axes of 4-D+ arrays are dropped. For a 3-D array the smaller of the
-    first and last axis is the channel axis (a tie goes to the first, i.e. (C, H, W)); it must be no larger
-    than the middle axis and small: <= 64, or at most a quarter of each other axis. Any other shape is
-    rejected as ambiguous.
+    (H, W) -> (1, H, W). Leading size-1 axes of 4-D+ arrays are dropped. A 3-D array is read as (C, H, W)
+    when its last two axes are a plausible image plane for its first and its first two axes are not for its
+    last, and as (H, W, C) in the opposite case. (H, W) is a plausible plane for C channels when H == W or
+    both are at least 2 C. So (200, 64, 64) is 200 channels of 64 x 64 and (64, 64, 200) the same stored
+    channels-last, (3, 480, 640) is (C, H, W), (480, 640, 3) is (H, W, C). A shape where both or neither
+    reading fits, such as (64, 64, 64), (3, 64, 3) or (30, 40, 50), is an error naming the file unless
+    ``--channel_axis first|last`` says which axis holds the channels (for every file). There is no limit on
+    the number of channels.
 
 Dataset layouts (``--data_path``)
     * class folders ``root/{train,val}/<class>/<image>``;
@@ -41,16 +45,26 @@ unless ``--allow_mixed_sizes``, their height and width; pixels must be bool, int
 ``--skip_bad_samples`` corrupt files are dropped at build time (counted in ``dataset.num_dropped``) and a file
 that fails to decode later is replaced by the next sample and counted in ``dataset.num_skipped`` (a counter
 shared by the process and its DataLoader workers).
+
+NaN and infinite pixels: a float file holding any is an error naming it (``NonFinitePixelsError``) when its
+pixels are read, in training as in the statistics, which name every such file; ``--nan_fill VALUE``
+replaces them by VALUE (raw units) instead, and ``--skip_bad_samples`` treats the file as a corrupt one.
+Other no-data markers (such as -9999) are ordinary pixels to this check.
+
+Folders are scanned recursively, following directory links, but each real directory once: a link loop or
+a second link to a folder adds no samples.
 """
 
 import argparse
 import csv
+import itertools
 import json
 import logging
 import math
 import multiprocessing
 import os
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +77,8 @@ from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2
 
+import util.misc as misc
+
 logger = logging.getLogger(__name__)
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -70,10 +86,12 @@ PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_SUFFIXES = (*TIFF_SUFFIXES, ".npy", *PIL_SUFFIXES)
 STATS_FILENAME = "channel_stats.json"
 CHANNEL_NAMES_FILENAME = "channels.txt"
-MAX_CHANNELS = 64
+CHANNEL_AXES = ("first", "last")
 ESTIMATE_SAMPLES = 256
 PERCENTILE_SAMPLE_SIZE = 2**20
 HEADER_THREADS = 16
+MAX_NAMED = 10  # files named in one error
+NAN_HINT = "pass --nan_fill VALUE to replace them, or --skip_bad_samples to leave the sample out"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # IHDR colour type -> decoded channels
 PIL_CONVERT = {"1": "L", "P": "RGB", "PA": "RGBA", "YCbCr": "RGB"}
@@ -91,6 +109,10 @@ class MissingPathError(DatasetError, FileNotFoundError):
 
 class CorruptFileError(DatasetError):
     """A file cannot be decoded or is truncated."""
+
+
+class NonFinitePixelsError(CorruptFileError):
+    """A file holds NaN or infinite pixels and no ``--nan_fill`` value replaces them."""
 
 
 @dataclass(frozen=True)
@@ -120,29 +142,44 @@ def _squeeze(shape, path):
     return shape
 
 
-def _channel_axis(shape, path):
-    """Channel axis (0 or 2) of a 3-D shape, by the layout rule in the module docstring."""
-    axis = 0 if shape[0] <= shape[2] else 2
-    others = [s for i, s in enumerate(shape) if i != axis]
-    if shape[axis] > shape[1] or (shape[axis] > MAX_CHANNELS and 4 * shape[axis] > min(others)):
-        raise DatasetError(f"{path}: cannot tell the channel axis of shape {shape}; store it as (C, H, W)")
-    return axis
+def _is_image_plane(channels, height, width):
+    """Whether (height, width) is a plausible image plane of ``channels`` channels: square, or both sides at least
+    twice the channel count."""
+    return height == width or 2 * channels <= min(height, width)
 
 
-def _chw_shape(shape, path):
+def _channel_axis(shape, path, channel_axis=None):
+    """Channel axis (0 or 2) of a 3-D shape: ``channel_axis`` ('first' or 'last') when given, else by the layout
+    rule in the module docstring; a shape the rule cannot decide raises ``DatasetError``."""
+    if channel_axis is not None:
+        if channel_axis not in CHANNEL_AXES:
+            raise DatasetError(f"--channel_axis {channel_axis!r}: expected one of {', '.join(CHANNEL_AXES)}")
+        return 0 if channel_axis == "first" else 2
+    first, last = _is_image_plane(shape[0], shape[1], shape[2]), _is_image_plane(shape[2], shape[0], shape[1])
+    if first != last:
+        return 0 if first else 2
+    raise DatasetError(
+        f"{path}: cannot tell the channel axis of shape {shape}: "
+        f"{'both (C, H, W) and (H, W, C) fit' if first else 'neither (C, H, W) nor (H, W, C) fits'} (an image is "
+        "square or at least twice as high and wide as it has channels); pass --channel_axis first for (C, H, W) "
+        "or --channel_axis last for (H, W, C)"
+    )
+
+
+def _chw_shape(shape, path, channel_axis=None):
     shape = _squeeze(shape, path)
     if len(shape) == 2:
         return (1, *shape)
-    return shape if _channel_axis(shape, path) == 0 else (shape[2], shape[0], shape[1])
+    return shape if _channel_axis(shape, path, channel_axis) == 0 else (shape[2], shape[0], shape[1])
 
 
-def _to_chw(arr, path):
+def _to_chw(arr, path, channel_axis=None):
     """(H, W), (C, H, W) or (H, W, C) array -> (C, H, W) view."""
     shape = _squeeze(arr.shape, path)
     arr = arr.reshape(shape)
     if arr.ndim == 2:
         return arr[None]
-    return arr if _channel_axis(shape, path) == 0 else np.moveaxis(arr, 2, 0)
+    return arr if _channel_axis(shape, path, channel_axis) == 0 else np.moveaxis(arr, 2, 0)
 
 
 def _png_ihdr(path):
@@ -180,14 +217,15 @@ def _read_pil(path):
     return arr[None] if arr.ndim == 2 else np.moveaxis(arr, 2, 0)
 
 
-def read_array(path):
-    """Raw pixels of one file as a (C, H, W) array in the file's own dtype."""
+def read_array(path, channel_axis=None):
+    """Raw pixels of one file as a (C, H, W) array in the file's own dtype; ``channel_axis`` ('first', 'last' or
+    None: the layout rule) says how to read a 3-D TIFF or NPY array."""
     suffix = _suffix(path)
     try:
         if suffix in TIFF_SUFFIXES:
-            return _to_chw(tifffile.imread(path), path)
+            return _to_chw(tifffile.imread(path), path, channel_axis)
         if suffix == ".npy":
-            return _to_chw(np.load(path, allow_pickle=False), path)
+            return _to_chw(np.load(path, allow_pickle=False), path, channel_axis)
         return _read_pil(path)
     except DatasetError:
         raise
@@ -195,12 +233,31 @@ def read_array(path):
         raise CorruptFileError(f"cannot read {path}: {type(e).__name__}: {e}") from e
 
 
-def read_image(path):
+def fill_non_finite(arr, path, fill=None):
+    """arr (C, H, W) with its NaN and infinite pixels set to ``fill``; ``NonFinitePixelsError`` naming ``path``
+    when it has some and ``fill`` is None. Integer and bool arrays are returned as they are."""
+    if arr.dtype.kind != "f":
+        return arr
+    finite = np.isfinite(arr)
+    if finite.all():
+        return arr
+    if fill is None:
+        count = arr.size - np.count_nonzero(finite)
+        raise NonFinitePixelsError(f"{path} has {count} NaN or infinite pixel values (of {arr.size}); {NAN_HINT}")
+    return np.where(finite, arr, arr.dtype.type(fill))
+
+
+def read_image(path, channel_axis=None):
     """Raw pixel values of one file as float32 (C, H, W), not rescaled."""
-    return np.ascontiguousarray(read_array(path), dtype=np.float32)
+    return np.ascontiguousarray(read_array(path, channel_axis), dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- headers
+
+
+# numpy parses an .npy header with ast.literal_eval; on CPython 3.11 building an AST is not thread-safe (a thread
+# switch inside it raises "SystemError: AST constructor recursion depth mismatch"), so header threads take turns
+_NPY_HEADER_LOCK = threading.Lock()
 
 
 def _check_length(path, needed):
@@ -209,7 +266,7 @@ def _check_length(path, needed):
         raise CorruptFileError(f"{path} is truncated: its pixel data need {needed} bytes, the file has {size}")
 
 
-def _tiff_header(path):
+def _tiff_header(path, channel_axis):
     with tifffile.TiffFile(path) as tif:
         if not tif.series:
             raise CorruptFileError(f"{path} holds no image data")
@@ -220,11 +277,11 @@ def _tiff_header(path):
             raise CorruptFileError(f"{path} is truncated: {len(pages)} image page(s) left of a {tuple(promised)} image")
         ends = [int(o) + int(n) for page in pages for o, n in zip(page.dataoffsets, page.databytecounts)]
         _check_length(path, max(ends, default=0))
-        return Header(_chw_shape(series.shape, path), np.dtype(series.dtype))
+        return Header(_chw_shape(series.shape, path, channel_axis), np.dtype(series.dtype))
 
 
-def _npy_header(path):
-    with open(path, "rb") as f:
+def _npy_header(path, channel_axis):
+    with open(path, "rb") as f, _NPY_HEADER_LOCK:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
             shape, _, dtype = np.lib.format.read_array_header_1_0(f)
@@ -234,7 +291,7 @@ def _npy_header(path):
     if dtype.hasobject:
         raise CorruptFileError(f"{path} holds Python objects, not pixels")
     _check_length(path, offset + math.prod(shape) * dtype.itemsize)
-    return Header(_chw_shape(shape, path), dtype)
+    return Header(_chw_shape(shape, path, channel_axis), dtype)
 
 
 def _check_png_end(path):
@@ -256,16 +313,16 @@ def _pil_header(path):
     return Header((Image.getmodebands(mode), height, width), np.dtype(PIL_DTYPES.get(mode, "uint8")))
 
 
-def read_header(path):
+def read_header(path, channel_axis=None):
     """Header (shape (C, H, W), dtype) of one file, without decoding pixels; checks truncation."""
     suffix = _suffix(path)
     if not os.path.isfile(path):
         raise MissingPathError(f"{path} does not exist")
     try:
         if suffix in TIFF_SUFFIXES:
-            return _tiff_header(path)
+            return _tiff_header(path, channel_axis)
         if suffix == ".npy":
-            return _npy_header(path)
+            return _npy_header(path, channel_axis)
         return _pil_header(path)
     except DatasetError:
         raise
@@ -273,9 +330,9 @@ def read_header(path):
         raise CorruptFileError(f"cannot read the header of {path}: {type(e).__name__}: {e}") from e
 
 
-def _header_or_error(path):
+def _header_or_error(path, channel_axis=None):
     try:
-        return read_header(path)
+        return read_header(path, channel_axis)
     except CorruptFileError as e:
         return e
 
@@ -283,11 +340,27 @@ def _header_or_error(path):
 # ---------------------------------------------------------------------------------------------- layouts
 
 
+def _unseen_dirs(dirpath, dirnames, seen):
+    """The non-hidden entries of dirnames whose real path is not in seen (which gains them), sorted."""
+    kept = []
+    for name in sorted(d for d in dirnames if not d.startswith(".")):
+        real = os.path.realpath(os.path.join(dirpath, name))
+        if real in seen:
+            logger.warning(
+                "not following %s: it leads to %s, which is scanned already", os.path.join(dirpath, name), real
+            )
+            continue
+        seen.add(real)
+        kept.append(name)
+    return kept
+
+
 def _scan(folder):
-    """Image files under folder, recursively and sorted; hidden entries are skipped."""
-    found = []
+    """Image files under folder, recursively and sorted; hidden entries are skipped. Directory links are followed,
+    but every real directory is scanned once, so a link loop or a second link to a folder adds no samples."""
+    found, seen = [], {os.path.realpath(folder)}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = _unseen_dirs(dirpath, dirnames, seen)
         found += [
             os.path.join(dirpath, name)
             for name in filenames
@@ -451,8 +524,9 @@ def _validate(samples, args, source):
     """Read every file header; return (kept samples, (C, H, W) of the first sample, set of dtype names)."""
     skip = getattr(args, "skip_bad_samples", False)
     paths = sorted({path for files, _ in samples for path in _as_list(files)})
+    axis = getattr(args, "channel_axis", None)
     with ThreadPoolExecutor(HEADER_THREADS) as pool:
-        headers = dict(zip(paths, pool.map(_header_or_error, paths)))
+        headers = dict(zip(paths, pool.map(_header_or_error, paths, itertools.repeat(axis))))
     kept, first, expected, dtypes = [], None, None, set()
     for files, label in samples:
         sample_headers = [headers[path] for path in _as_list(files)]
@@ -610,20 +684,34 @@ class ChannelStatistics:
 
 
 def compute_channel_stats(dataset, max_samples=None, percentiles=True):
-    """Per-channel statistics of a MultiChannelDataset's raw pixels in one streaming pass (see ChannelStatistics)."""
+    """Per-channel statistics of a MultiChannelDataset's raw pixels in one streaming pass (see ChannelStatistics).
+
+    Samples with NaN or infinite pixels (and no ``dataset.nan_fill``) are all read, then named together in one
+    ``NonFinitePixelsError``; with ``dataset.skip_bad_samples`` they are left out and counted instead.
+    """
     indices = _evenly_spaced(range(len(dataset)), max_samples)
     int_range = _int_range(dataset.dtypes) if percentiles else None
     per_image = math.ceil(PERCENTILE_SAMPLE_SIZE / max(len(indices), 1)) if percentiles else None
-    stats, used = ChannelStatistics(dataset.in_chans, int_range, per_image), 0
+    stats, used, non_finite = ChannelStatistics(dataset.in_chans, int_range, per_image), 0, []
     for index in indices:
         try:
             stats.update(dataset.load_raw(index))
             used += 1
         except CorruptFileError as e:
-            if not dataset.skip_bad_samples:
+            if dataset.skip_bad_samples:
+                dataset.num_skipped += 1
+                logger.warning("statistics skip sample %d: %s", index, e)
+            elif isinstance(e, NonFinitePixelsError):
+                non_finite.append(str(e).removesuffix(f"; {NAN_HINT}"))
+            else:
                 raise
-            dataset.num_skipped += 1
-            logger.warning("statistics skip sample %d: %s", index, e)
+    if non_finite:
+        more = f"; and {len(non_finite) - MAX_NAMED} more" if len(non_finite) > MAX_NAMED else ""
+        raise NonFinitePixelsError(
+            f"{len(non_finite)} of {len(indices)} samples have NaN or infinite pixels, so their statistics would be "
+            f"NaN: {'; '.join(non_finite[:MAX_NAMED])}{more}. Pass --nan_fill VALUE to replace those pixels, or "
+            "--skip_bad_samples to leave the samples out"
+        )
     return {**stats.result(), "num_samples": used}
 
 
@@ -670,9 +758,18 @@ def _positive_std(std):
     return [s if s > 0 else 1.0 for s in std]
 
 
-def _estimate_mean_std(samples, ids, num_channels, source, skip_bad_samples):
+def _reading(args):
+    """MultiChannelDataset keywords of the reading flags --skip_bad_samples, --channel_axis and --nan_fill."""
+    return {
+        "skip_bad_samples": getattr(args, "skip_bad_samples", False),
+        "channel_axis": getattr(args, "channel_axis", None),
+        "nan_fill": getattr(args, "nan_fill", None),
+    }
+
+
+def _estimate_mean_std(samples, ids, num_channels, source, args):
     subset = _evenly_spaced(samples, ESTIMATE_SAMPLES)
-    dataset = MultiChannelDataset(subset, [], ids, num_channels=num_channels, skip_bad_samples=skip_bad_samples)
+    dataset = MultiChannelDataset(subset, [], ids, num_channels=num_channels, **_reading(args))
     stats = compute_channel_stats(dataset, percentiles=False)
     logger.warning(
         "%s: no --mean/--std, --channel_stats or %s; normalising with mean/std estimated from %d of %d training "
@@ -789,6 +886,8 @@ class MultiChannelDataset(torch.utils.data.Dataset):
         dtypes=(),
         channel_names=None,
         skip_bad_samples=False,
+        channel_axis=None,
+        nan_fill=None,
     ):
         self.samples = samples
         self.classes = classes
@@ -800,6 +899,8 @@ class MultiChannelDataset(torch.utils.data.Dataset):
         self.dtypes = set(dtypes)
         self.channel_names = channel_names
         self.skip_bad_samples = skip_bad_samples
+        self.channel_axis = channel_axis
+        self.nan_fill = nan_fill
         self.num_dropped = 0  # samples left out at build time by skip_bad_samples (set by _build)
         self._num_skipped = multiprocessing.Value("q", 0)  # shared with the DataLoader workers
 
@@ -815,18 +916,19 @@ class MultiChannelDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def _read(self, path, channels):
-        arr = read_array(path)
+    def _read(self, path, channels, ids):
+        """Channels ``ids`` of a file of ``channels`` channels, NaN/inf pixels checked (``fill_non_finite``)."""
+        arr = read_array(path, self.channel_axis)
         if arr.shape[0] != channels:
             raise CorruptFileError(f"{path} has {arr.shape[0]} channels, expected {channels}")
-        return arr
+        return fill_non_finite(arr[ids], path, self.nan_fill)
 
     def load_raw(self, index):
         """Selected channels of sample ``index`` as (C', H, W) in the files' dtype."""
         files, _ = self.samples[index]
         if isinstance(files, str):
-            return self._read(files, self.num_channels)[self.channel_ids]
-        return np.concatenate([self._read(files[c], 1) for c in self.channel_ids])
+            return self._read(files, self.num_channels, self.channel_ids)
+        return np.concatenate([self._read(files[c], 1, [0]) for c in self.channel_ids])
 
     def __getitem__(self, index):
         for _ in range(len(self.samples)):
@@ -848,7 +950,6 @@ class MultiChannelDataset(torch.utils.data.Dataset):
 
 def _build(samples, classes, csv_names, path, args, *, train, pretrain, stats_samples):
     """Validate samples and attach channel selection, normalisation and transform; stats_samples feed estimates."""
-    skip = getattr(args, "skip_bad_samples", False)
     stats_dir = _stats_dir(path)
     num_listed = len(samples)
     split = "" if pretrain else f" ({'train' if train else 'val'} split)"
@@ -856,7 +957,7 @@ def _build(samples, classes, csv_names, path, args, *, train, pretrain, stats_sa
     ids = _channel_ids(args, shape[0], samples[0][0])
 
     def estimate():
-        return _estimate_mean_std(stats_samples or samples, ids, shape[0], str(path), skip)
+        return _estimate_mean_std(stats_samples or samples, ids, shape[0], str(path), args)
 
     mean, std = resolve_mean_std(args, stats_dir, ids, shape[0], dtypes, estimate)
     uint8_rgb = len(ids) == 3 and dtypes == {"uint8"}
@@ -870,7 +971,7 @@ def _build(samples, classes, csv_names, path, args, *, train, pretrain, stats_sa
         num_channels=shape[0],
         dtypes=dtypes,
         channel_names=names,
-        skip_bad_samples=skip,
+        **_reading(args),
     )
     dataset.num_dropped = num_listed - len(samples)
     return dataset
@@ -891,9 +992,14 @@ def build_pretrain_dataset(args):
     return _build(samples, [], names, path, args, train=True, pretrain=True, stats_samples=None)
 
 
-def build_raw_dataset(data_path, skip_bad_samples=False, allow_mixed_sizes=False):
+def build_raw_dataset(data_path, skip_bad_samples=False, allow_mixed_sizes=False, channel_axis=None, nan_fill=None):
     """All channels of the pretraining samples of data_path, untransformed (for statistics)."""
-    args = argparse.Namespace(skip_bad_samples=skip_bad_samples, allow_mixed_sizes=allow_mixed_sizes)
+    args = argparse.Namespace(
+        skip_bad_samples=skip_bad_samples,
+        allow_mixed_sizes=allow_mixed_sizes,
+        channel_axis=channel_axis,
+        nan_fill=nan_fill,
+    )
     path = _data_path(argparse.Namespace(data_path=data_path))
     samples, names = _unlabelled_samples(path)
     samples, shape, dtypes = _validate(samples, args, f"--data_path {path}")
@@ -905,7 +1011,7 @@ def build_raw_dataset(data_path, skip_bad_samples=False, allow_mixed_sizes=False
         num_channels=shape[0],
         dtypes=dtypes,
         channel_names=names,
-        skip_bad_samples=skip_bad_samples,
+        **_reading(args),
     )
 
 
@@ -923,6 +1029,21 @@ def write_channel_stats(data_path, out=None, max_samples=None, **kwargs):
     return stats
 
 
+def _stats_command(args):
+    result = write_channel_stats(
+        args.data_path,
+        args.out,
+        args.max_samples,
+        skip_bad_samples=args.skip_bad_samples,
+        allow_mixed_sizes=args.allow_mixed_sizes,
+        channel_axis=args.channel_axis,
+        nan_fill=args.nan_fill,
+    )
+    print(f"{len(result['channels'])} channels, {result['num_samples']} samples")
+    for name, mean, std in zip(result["channels"], result["mean"], result["std"]):
+        print(f"  {name}: mean {mean:.6g} std {std:.6g}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m util.datasets", description="Dataset utilities.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -932,17 +1053,8 @@ def main(argv=None):
     stats.add_argument("--max_samples", type=int, default=None, help="use this many evenly spaced samples")
     stats.add_argument("--skip_bad_samples", action="store_true")
     stats.add_argument("--allow_mixed_sizes", action="store_true")
-    args = parser.parse_args(argv)
-    result = write_channel_stats(
-        args.data_path,
-        args.out,
-        args.max_samples,
-        skip_bad_samples=args.skip_bad_samples,
-        allow_mixed_sizes=args.allow_mixed_sizes,
-    )
-    print(f"{len(result['channels'])} channels, {result['num_samples']} samples")
-    for name, mean, std in zip(result["channels"], result["mean"], result["std"]):
-        print(f"  {name}: mean {mean:.6g} std {std:.6g}")
+    misc.add_reading_args(stats)
+    misc.run_main(_stats_command, parser.parse_args(argv), errors=(DatasetError,))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import argparse
 import ast
 import builtins
 import datetime
+import errno
+import fcntl
 import glob
 import itertools
 import json
@@ -18,6 +20,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -486,12 +489,13 @@ def save_stopped(stop, args, epoch: int, model_without_ddp, optimizer, loss_scal
 
 
 def end_training(start_time: float, log_writer=None):
-    """After the last epoch: print the training time, close TensorBoard, restore the signal handlers and leave
-    the process group."""
+    """After the last epoch: print the training time, close TensorBoard, restore the signal handlers, give up the
+    ``--output_dir`` lock and leave the process group."""
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     if log_writer is not None:
         log_writer.close()
     restore_stop_handlers()
+    release_output_dir()
     cleanup_distributed()
 
 
@@ -561,7 +565,8 @@ def run_main(main, args, errors: tuple = ()):
 
     A stop signal ends the process with status 128 + its number after the checkpoint is saved; ``RunError``,
     ``NonFiniteLossError`` and the exception types in ``errors`` (e.g. ``DatasetError``, also when a DataLoader
-    worker raised it) end it with ``ERROR: <message>`` on stderr and status 1, without a traceback.
+    worker raised it) end it with ``ERROR: <message>`` on stderr and status 1, without a traceback. The
+    ``--output_dir`` lock is given up either way.
     """
     try:
         return main(args)
@@ -572,6 +577,7 @@ def run_main(main, args, errors: tuple = ()):
         status = f"ERROR: {error_message(err)}"
     finally:
         end_loader_workers()
+        release_output_dir()
     sys.exit(status)
 
 
@@ -963,6 +969,24 @@ class FloatListAction(argparse.Action):
         setattr(namespace, self.dest, floats)
 
 
+def add_reading_args(group):
+    """``--channel_axis`` and ``--nan_fill``: how pixels are read, for every script that reads data."""
+    group.add_argument(
+        "--channel_axis",
+        default=None,
+        choices=["first", "last"],
+        help="channel axis of 3-D TIFF/NPY arrays: first (C, H, W) or last (H, W, C) (default: from each file's "
+        "shape; a shape that fits both or neither, such as 64x64x64, is an error)",
+    )
+    group.add_argument(
+        "--nan_fill",
+        default=None,
+        type=float,
+        metavar="VALUE",
+        help="replace NaN and infinite pixels by VALUE (raw units) when reading (default: such a file is an error)",
+    )
+
+
 def add_common_args(parser: argparse.ArgumentParser):
     """Flags shared by main_pretrain, main_finetune and main_linprobe (data, runtime, checkpoints, distributed)."""
     g = parser.add_argument_group("data")
@@ -985,6 +1009,7 @@ def add_common_args(parser: argparse.ArgumentParser):
     g.add_argument("--vflip", action="store_true", help="add random vertical flips to training augmentation")
     g.add_argument("--allow_mixed_sizes", action="store_true", help="allow images of different sizes")
     g.add_argument("--skip_bad_samples", action="store_true", help="skip unreadable files instead of failing")
+    add_reading_args(g)
 
     g = parser.add_argument_group("runtime")
     g.add_argument("--output_dir", default="./output_dir", help="where checkpoints and log.txt go ('' = nowhere)")
@@ -1020,7 +1045,8 @@ def add_common_args(parser: argparse.ArgumentParser):
 
 def setup_run(args) -> torch.device:
     """Join the process group, pick the device and AMP mode, seed (seed + rank), create the output dirs and check
-    that they are writable (``OutputError`` before any training otherwise)."""
+    that they are writable, and (rank 0, unless ``--eval``) make this run the owner of ``--output_dir``
+    (``lock_output_dir``, ``check_new_or_resumed``); ``OutputError`` before any training otherwise."""
     init_distributed_mode(args)
     if args.log_dir is None:
         args.log_dir = args.output_dir
@@ -1031,6 +1057,9 @@ def setup_run(args) -> torch.device:
         for flag, path in (("--output_dir", args.output_dir), ("--log_dir", args.log_dir)):
             if path:
                 check_writable(path, flag)
+        if args.output_dir and not getattr(args, "eval", False):
+            lock_output_dir(args.output_dir)
+            check_new_or_resumed(args)
     print(f"job dir: {os.path.dirname(os.path.dirname(os.path.realpath(__file__)))}")
     print(json.dumps(args_to_dict(args), indent=1))
     return device
@@ -1048,6 +1077,60 @@ def check_writable(path: str, flag: str = "--output_dir"):
         os.remove(probe)
     except OSError as err:
         raise OutputError(f"{flag} {path} is not a writable directory: {err}") from err
+
+
+LOCK_FILENAME = ".run.lock"
+"""The file in ``--output_dir`` that the run owning the directory holds locked; it names that run's PID and host."""
+
+_output_lock = {"fd": None}
+
+
+def lock_output_dir(path: str):
+    """Make this process the owner of ``path``: a POSIX lock (``fcntl.lockf``) on ``path/.run.lock`` that holds
+    until ``release_output_dir`` or the end of the process, a SIGKILL included (the kernel drops it), so no stale
+    lock is ever left; DataLoader workers do not inherit it. ``OutputError`` naming the PID and host of the
+    owner if another process holds it. Where the file system has no locks, a warning says so and the run goes on.
+    """
+    release_output_dir()
+    lock_path = os.path.join(path, LOCK_FILENAME)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):
+            os.close(fd)
+            print(f"WARNING: cannot lock {lock_path} ({err}); a second run on --output_dir {path} would not be noticed")
+            return
+        owner = os.read(fd, 256).decode(errors="replace").strip() or "a process that has not written its PID yet"
+        os.close(fd)
+        raise OutputError(
+            f"--output_dir {path} is in use by another run: {owner} holds {lock_path}. Wait for it to end, or choose "
+            "another --output_dir"
+        ) from err
+    os.ftruncate(fd, 0)
+    os.write(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode())
+    _output_lock["fd"] = fd
+
+
+def release_output_dir():
+    """Give up the ``--output_dir`` lock of ``lock_output_dir`` (no-op without one)."""
+    if _output_lock["fd"] is not None:
+        os.close(_output_lock["fd"])
+        _output_lock["fd"] = None
+
+
+def check_new_or_resumed(args):
+    """Refuse an ``--output_dir`` that holds an earlier run's ``log.txt`` or checkpoints, unless this run continues
+    it (``--auto_resume`` or ``--resume``): appending to its log and overwriting its checkpoints would mix two runs."""
+    if getattr(args, "auto_resume", False) or getattr(args, "resume", ""):
+        return
+    names = sorted(os.listdir(args.output_dir))
+    found = [n for n in names if n == "log.txt" or re.fullmatch(r"checkpoint-\w+\.pth", n)]
+    if found:
+        raise OutputError(
+            f"--output_dir {args.output_dir} holds an earlier run ({', '.join(found)}); pass --auto_resume to continue "
+            "it, or choose another (or an empty) --output_dir"
+        )
 
 
 class EpochSampler(torch.utils.data.DistributedSampler):
