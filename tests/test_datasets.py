@@ -263,17 +263,17 @@ def test_three_8bit_bands_are_not_taken_for_rgb(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="util.datasets"):
         bands = build_dataset(True, rgb_args)
     assert "RandAugment" not in repr(bands.transform) and "RandomResizedCrop" in repr(bands.transform)
-    assert bands.norm_source == "estimated from training samples"
+    assert bands.norm_source == "mean/std estimated from training samples"
     assert "3 8-bit channels that are not RGB images" in caplog.text and "estimated from 4 of 4" in caplog.text
 
     (tmp_path / "channels.txt").write_text("R\nG\nB\n")
     declared = build_dataset(True, rgb_args)
-    assert "RandAugment" in repr(declared.transform) and declared.norm_source == "ImageNet (8-bit RGB images)"
+    assert "RandAugment" in repr(declared.transform) and declared.norm_source == "ImageNet mean/std (8-bit RGB images)"
 
     record = dict(num_channels=3, channels=[0, 1, 2], dtypes=["uint8"], mean=[1.0, 2.0, 3.0], std=[4.0, 5.0, 6.0])
     from_checkpoint = build_dataset(False, args(tmp_path, channels="2,0"), checkpoint_stats=record)
     assert normalize_of(from_checkpoint).mean == [3.0, 1.0] and normalize_of(from_checkpoint).std == [6.0, 4.0]
-    assert from_checkpoint.norm_source == "the checkpoint's training data"
+    assert from_checkpoint.norm_source == "the checkpoint's statistics"
     for other_data in ({**record, "dtypes": ["uint16"]}, {**record, "num_channels": 4}):
         assert build_dataset(False, args(tmp_path), checkpoint_stats=other_data).norm_source.startswith("ImageNet")
     (tmp_path / "channel_stats.json").write_text(json.dumps({"mean": [7, 8, 9], "std": [1, 1, 1]}))

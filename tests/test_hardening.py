@@ -605,13 +605,13 @@ def test_eval_scores_the_checkpoint_on_what_it_was_trained_with(digits, tmp_path
         f"From the checkpoint {ckpt}: --model channelvit_tiny_patch16 --model_kwargs embed_dim=64 depth=1 num_heads=2 "
         f"--input_size 48 --data_path {other} --channels 0 --global_pool False"
     ) in out
-    assert "val: 20 samples, channels [0], 10 classes, mean/std from the checkpoint's training data" in out
+    assert "val: 20 samples, channels [0], 10 classes, normalised with the checkpoint's statistics" in out
     stats = json.loads(out.strip().splitlines()[-1])
     assert stats["test_acc1"] == logged["test_acc1"] and stats["test_loss"] == pytest.approx(logged["test_loss"])
 
     code, out = cli("main_finetune.py", "--eval", "--resume", ckpt, "--output_dir", "", "--data_path", digits)
     assert code == 0 and f"From the command line: --data_path {digits}" in out
-    assert f"val: 20 samples, channels [0], 10 classes, mean/std from {digits / 'channel_stats.json'}" in out
+    assert f"val: 20 samples, channels [0], 10 classes, normalised with {digits / 'channel_stats.json'}" in out
 
 
 @pytest.mark.parametrize("recorded", [True, False], ids=["ours", "published-format"])
@@ -638,8 +638,8 @@ def test_finetune_builds_at_the_checkpoints_input_size(recorded, digits, tmp_pat
     assert re.search(rf"From the checkpoint {tmp_path / 'mae.pth'}: .*--input_size 64", out)
     assert "resampled" not in out
     assert load(tmp_path / "ft" / "checkpoint-last.pth")["model"]["pos_embed"].shape == (1, 1 + 8 * 8, 64)
-    source = "the checkpoint's training data" if recorded else "estimated from training samples"
-    assert f"train: 40 samples, channels [0], 10 classes, mean/std from {source}" in out
+    source = "the checkpoint's statistics" if recorded else "mean/std estimated from training samples"
+    assert f"train: 40 samples, channels [0], 10 classes, normalised with {source}" in out
 
 
 def test_pretrained_encoder_of_another_family_or_depth_is_refused():

@@ -739,12 +739,12 @@ def resolve_mean_std(args, stats_dir, ids, num_channels, dtypes, estimate, *, rg
         mean = _per_channel(stats["mean"], str(stats_path), ids, num_channels)
         return mean, _positive_std(_per_channel(stats["std"], str(stats_path), ids, num_channels)), str(stats_path)
     if checkpoint is not None:
-        return list(checkpoint[0]), _positive_std(list(checkpoint[1])), "the checkpoint's training data"
+        return list(checkpoint[0]), _positive_std(list(checkpoint[1])), "the checkpoint's statistics"
     if rgb:
         mean, std = [m * 255 for m in IMAGENET_DEFAULT_MEAN], [s * 255 for s in IMAGENET_DEFAULT_STD]
-        return mean, std, "ImageNet (8-bit RGB images)"
+        return mean, std, "ImageNet mean/std (8-bit RGB images)"
     mean, std = estimate()
-    return mean, _positive_std(std), "estimated from training samples"
+    return mean, _positive_std(std), "mean/std estimated from training samples"
 
 
 # ---------------------------------------------------------------------------------------------- transforms
@@ -914,7 +914,7 @@ def _build(samples, classes, csv_names, path, args, *, train, pretrain, stats_sa
         logger.warning(
             "%s: 3 8-bit channels that are not RGB images (colour PNG/JPEG files, or channels named R, G, B in %s), "
             "so neither ImageNet mean/std nor the RGB fine-tuning augmentation (RandAugment, colour jitter, random "
-            "erasing) is used; normalising with mean/std from %s",
+            "erasing) is used; normalising with %s",
             *(path, CHANNEL_NAMES_FILENAME, source),
         )
     transform = build_transform(train, args, pretrain, mean=mean, std=std, uint8_rgb=rgb)

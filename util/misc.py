@@ -1154,7 +1154,7 @@ def describe_dataset(name: str, dataset) -> str:
     classes = getattr(dataset, "classes", None)
     class_info = f", {len(classes)} classes" if classes else ""
     source = getattr(dataset, "norm_source", None)
-    norm_info = f", mean/std from {source}" if source else ""
+    norm_info = f", normalised with {source}" if source else ""
     return f"{name}: {len(dataset)} samples, channels {list(dataset.channel_ids)}{class_info}{norm_info}"
 
 
