@@ -5,21 +5,35 @@ tokens), base lr 0.1 scaled by effective batch / 256, no weight decay, no mixup,
 """
 
 import argparse
-import os
 
 import torch
 from timm.layers import trunc_normal_
 
 import util.misc as misc
-from main_finetune import add_model_args, build_data, build_model_for_checkpoints, fit, load_pretrained
+from main_finetune import (
+    CHECKPOINT_EPILOG,
+    DEFAULTS,
+    add_model_args,
+    build_data,
+    build_model,
+    fit,
+    load_pretrained,
+    resolve_checkpoint_flags,
+)
 from util.datasets import DatasetError
 from util.lars import LARS
 
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+LINPROBE_DEFAULTS = {**DEFAULTS, "global_pool": False}
+"""main_finetune's defaults, with the class token."""
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Linear probing of a pretrained encoder", add_help=False)
+    parser = argparse.ArgumentParser(
+        "Linear probing of a pretrained encoder",
+        add_help=False,
+        epilog=CHECKPOINT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--batch_size", default=64, type=int, help="batch size per process")
     parser.add_argument("--epochs", default=20, type=int)
     parser.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
@@ -27,7 +41,7 @@ def get_args_parser():
     g = add_model_args(parser)
     g.add_argument("--global_pool", action="store_true", help="average the patch tokens")
     g.add_argument("--cls_token", action="store_false", dest="global_pool", help="use the class token (default)")
-    parser.set_defaults(global_pool=False)
+    parser.set_defaults(global_pool=None)
 
     g = parser.add_argument_group("optimizer")
     g.add_argument("--weight_decay", default=0.0, type=float)
@@ -50,23 +64,20 @@ def get_args_parser():
 
     misc.add_common_args(parser)
     # plain RandomResizedCrop + flip for training: none of fine-tuning's RandAugment / erasing / mixup
-    parser.set_defaults(
-        data_path=os.path.join(REPO_DIR, "sample_data", "digits"),
-        input_size=32,
-        aa=None,
-        color_jitter=None,
-        reprob=0.0,
-    )
+    # data_path, input_size: LINPROBE_DEFAULTS after the checkpoint's (main_finetune.CHECKPOINT_EPILOG)
+    parser.set_defaults(data_path=None, input_size=None, aa=None, color_jitter=None, reprob=0.0)
     return parser
 
 
 def main(args):
+    checkpoints = resolve_checkpoint_flags(args, LINPROBE_DEFAULTS)
     device = misc.setup_run(args)
-    data = build_data(args, device)
+    print("\n".join(checkpoints.sources))
+    data = build_data(args, device, checkpoints.stats)
 
-    model, pretrained = build_model_for_checkpoints(args, data[0], global_pool=args.global_pool)
-    if pretrained is not None:
-        load_pretrained(model, pretrained, args.finetune)
+    model = build_model(args, data[0], checkpoints.reference, global_pool=args.global_pool)
+    if checkpoints.pretrained is not None:
+        load_pretrained(model, checkpoints.pretrained, args.finetune)
     trunc_normal_(model.head.weight, std=0.01)
     model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
     for name, param in model.named_parameters():

@@ -15,7 +15,7 @@ import models_chamae
 import util.misc as misc
 import util.vis as vis
 from engine_pretrain import train_one_epoch
-from util.datasets import DatasetError, build_pretrain_dataset
+from util.datasets import DatasetError, build_pretrain_dataset, normalization_record
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -87,6 +87,7 @@ def main(args):
 
     dataset_train = build_pretrain_dataset(args)
     print(misc.describe_dataset("train", dataset_train))
+    args.normalization = normalization_record(dataset_train)  # saved with the checkpoints, for fine-tuning
     channel_ids = torch.as_tensor(dataset_train.channel_ids, dtype=torch.long, device=device)
     data_loader_train = misc.build_train_loader(dataset_train, args)
     log_writer = misc.open_log_writer(args)

@@ -386,6 +386,36 @@ def test_imagenet_default_and_timm_rgb_path(tmp_path):
     assert val[0][0].shape == (3, 16, 16)
 
 
+def test_three_8bit_bands_are_not_taken_for_rgb(tmp_path, caplog):
+    """3-band 8-bit arrays without statistics: estimated mean/std, crops and flips, and a warning; the RGB recipe
+    (ImageNet mean/std, RandAugment) once channels.txt names them R, G, B; a checkpoint's recorded statistics first."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                np.save(tmp_path / split / cls / f"{i}.npy", rng.integers(0, 256, (3, 40, 36), dtype=np.uint8))
+    rgb_args = args(tmp_path, aa="rand-m9-mstd0.5-inc1", color_jitter=None, reprob=0.25, remode="pixel", recount=1)
+    with caplog.at_level(logging.WARNING, logger="util.datasets"):
+        bands = build_dataset(True, rgb_args)
+    assert "RandAugment" not in repr(bands.transform) and "RandomResizedCrop" in repr(bands.transform)
+    assert bands.norm_source == "mean/std estimated from training samples"
+    assert "3 8-bit channels that are not RGB images" in caplog.text and "estimated from 4 of 4" in caplog.text
+
+    (tmp_path / "channels.txt").write_text("R\nG\nB\n")
+    declared = build_dataset(True, rgb_args)
+    assert "RandAugment" in repr(declared.transform) and declared.norm_source == "ImageNet mean/std (8-bit RGB images)"
+
+    record = dict(num_channels=3, channels=[0, 1, 2], dtypes=["uint8"], mean=[1.0, 2.0, 3.0], std=[4.0, 5.0, 6.0])
+    from_checkpoint = build_dataset(False, args(tmp_path, channels="2,0"), checkpoint_stats=record)
+    assert normalize_of(from_checkpoint).mean == [3.0, 1.0] and normalize_of(from_checkpoint).std == [6.0, 4.0]
+    assert from_checkpoint.norm_source == "the checkpoint's statistics"
+    for other_data in ({**record, "dtypes": ["uint16"]}, {**record, "num_channels": 4}):
+        assert build_dataset(False, args(tmp_path), checkpoint_stats=other_data).norm_source.startswith("ImageNet")
+    (tmp_path / "channel_stats.json").write_text(json.dumps({"mean": [7, 8, 9], "std": [1, 1, 1]}))
+    assert normalize_of(build_dataset(False, args(tmp_path), checkpoint_stats=record)).mean == [7, 8, 9]
+
+
 @pytest.mark.parametrize("channels", [1, 5, 8])
 @pytest.mark.parametrize("mode", ["pretrain", "train", "eval"])
 def test_transforms_any_channel_count(channels, mode):

@@ -32,7 +32,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import main_finetune
+import models_chamae
+import models_mae
+import models_vit
 import util.misc as misc
 from util.datasets import build_pretrain_dataset
 
@@ -610,3 +615,124 @@ def test_empty_split_is_an_error(digits, tmp_path, cli):
     code, out = cli("main_finetune.py", "--data_path", root, "--output_dir", tmp_path / "out", *TINY_VIT)
     assert str(code).startswith(f"ERROR: --data_path {root} (val split): no readable image files"), code
     assert "Start training" not in out
+
+
+# ----------------------------------------------------------------------------------------------- checkpoint arguments
+
+
+def test_head_count_of_the_checkpoint_is_kept_or_a_mismatch_refused(ihc, digits, tmp_path, cli):
+    """num_heads does not show in the weights: a checkpoint pretrained with 4 heads does not go into a 3-head model
+    (the real command lines, one ERROR line, no traceback); without the flag the model gets the checkpoint's 4."""
+    width = ["--model_kwargs", "embed_dim=48", "depth=1"]
+    decoder = ["decoder_embed_dim=32", "decoder_depth=1", "decoder_num_heads=2"]
+    pretrain = ["--data_path", ihc, "--output_dir", tmp_path / "pretrain", "--epochs", "1", "--batch_size", "8"]
+    pretrain += ["--num_workers", "0", "--vis_every", "0", "--input_size", "32", "--patch_size", "8"]
+    run("main_pretrain.py", *pretrain, *width, "num_heads=4", *decoder)
+    ckpt = tmp_path / "pretrain" / "checkpoint-last.pth"
+    finetune = ["--data_path", digits, "--finetune", ckpt, "--output_dir", tmp_path / "ft", "--epochs", "1"]
+    finetune += ["--batch_size", "10", "--num_workers", "0"]
+
+    proc = run("main_finetune.py", *finetune, *width, "num_heads=3", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"ERROR: {ckpt} was trained with num_heads=4 (--model_kwargs num_heads=4) but the model to build has "
+        "num_heads=3 (--model_kwargs num_heads=3)"
+    )
+    assert "Start training" not in proc.stdout
+
+    code, out = cli("main_finetune.py", *finetune, *width)
+    assert code == 0
+    taken = f"From the checkpoint {ckpt}: --model channelvit_tiny_patch16 --model_kwargs num_heads=4 --input_size 32"
+    assert taken in out
+    assert "num_heads=4" in load(tmp_path / "ft" / "checkpoint-last.pth")["args"]["model_kwargs"]
+
+
+@pytest.mark.parametrize("script", ["main_finetune.py", "main_linprobe.py"])
+def test_eval_without_a_checkpoint_is_refused(script, digits, tmp_path, cli):
+    code, out = cli(script, "--eval", "--data_path", digits, "--output_dir", "", *TINY_VIT)
+    assert code == (
+        "ERROR: --eval scores a checkpoint, and none was given: pass --resume CHECKPOINT (--finetune only initialises "
+        "training)"
+    )
+    assert "train:" not in out and "Accuracy" not in out
+
+
+def other_dataset(digits, root):
+    """Another 1-channel, 10-class dataset: the digits inverted, each label moved to the next class, with its own
+    channel_stats.json."""
+    for split in ("train", "val"):
+        for label in os.listdir(digits / split):
+            target = root / split / str((int(label) + 1) % 10)
+            os.makedirs(target)
+            for name in os.listdir(digits / split / label):
+                image = np.asarray(Image.open(digits / split / label / name))
+                Image.fromarray(255 - image).save(target / name)
+    (root / "channel_stats.json").write_text(json.dumps({"mean": [177.0], "std": [84.0]}))
+    return root
+
+
+def test_eval_scores_the_checkpoint_on_what_it_was_trained_with(digits, tmp_path, cli):
+    """``--eval --resume CKPT`` alone: the checkpoint's data path, channels, input size, normalisation (recorded in
+    the checkpoint: the statistics file is gone by then), model and pooling, each logged as taken from it; a flag
+    given on the command line wins."""
+    other, ckpt = other_dataset(digits, tmp_path / "other"), tmp_path / "ft" / "checkpoint-last.pth"
+    train = ["--data_path", other, "--channels", "0", "--input_size", "48", "--patch_size", "8", "--cls_token"]
+    train += ["--model_kwargs", "embed_dim=64", "depth=1", "num_heads=2", "--batch_size", "10", "--num_workers", "0"]
+    assert cli("main_finetune.py", *train, "--epochs", "1", "--output_dir", tmp_path / "ft")[0] == 0
+    (logged,) = read_log(tmp_path / "ft")
+    os.remove(other / "channel_stats.json")
+
+    code, out = cli("main_finetune.py", "--eval", "--resume", ckpt, "--output_dir", "", "--num_workers", "0")
+    assert code == 0
+    assert (
+        f"From the checkpoint {ckpt}: --model channelvit_tiny_patch16 --model_kwargs embed_dim=64 depth=1 num_heads=2 "
+        f"--input_size 48 --data_path {other} --channels 0 --global_pool False"
+    ) in out
+    assert "val: 20 samples, channels [0], 10 classes, normalised with the checkpoint's statistics" in out
+    stats = json.loads(out.strip().splitlines()[-1])
+    assert stats["test_acc1"] == logged["test_acc1"] and stats["test_loss"] == pytest.approx(logged["test_loss"])
+
+    code, out = cli("main_finetune.py", "--eval", "--resume", ckpt, "--output_dir", "", "--data_path", digits)
+    assert code == 0 and f"From the command line: --data_path {digits}" in out
+    assert f"val: 20 samples, channels [0], 10 classes, normalised with {digits / 'channel_stats.json'}" in out
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["ours", "published-format"])
+def test_finetune_builds_at_the_checkpoints_input_size(recorded, digits, tmp_path, cli):
+    """A 64 px checkpoint fine-tunes at 64 px without --input_size (its args, else its position embedding's grid),
+    and data without statistics take those the checkpoint recorded."""
+    encoder = dict(embed_dim=64, depth=1, num_heads=2)
+    pretrained = models_chamae.create_model(
+        "chamae_vit_tiny_patch16", img_size=64, patch_size=8, in_chans=1, num_channels=1, **encoder,
+        decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
+    )  # fmt: skip
+    normalization = dict(num_channels=1, channels=[0], dtypes=["uint8"], mean=[70.0], std=[80.0])
+    args = dict(model="chamae_vit_tiny_patch16", input_size=64, patch_size=8, normalization=normalization)
+    args["model_kwargs"] = [f"{k}={v}" for k, v in encoder.items()]
+    torch.save({"model": pretrained.state_dict(), **({"args": args} if recorded else {})}, tmp_path / "mae.pth")
+    data = tmp_path / "data"
+    shutil.copytree(digits, data, ignore=shutil.ignore_patterns("channel_stats.json"))
+    flags = ["--data_path", data, "--finetune", tmp_path / "mae.pth", "--output_dir", tmp_path / "ft"]
+    flags += ["--epochs", "1", "--batch_size", "10", "--num_workers", "0"]
+    flags += [] if recorded else ["--model_kwargs", *args["model_kwargs"]]
+
+    code, out = cli("main_finetune.py", *flags)
+    assert code == 0
+    assert re.search(rf"From the checkpoint {tmp_path / 'mae.pth'}: .*--input_size 64", out)
+    assert "resampled" not in out
+    assert load(tmp_path / "ft" / "checkpoint-last.pth")["model"]["pos_embed"].shape == (1, 1 + 8 * 8, 64)
+    source = "the checkpoint's statistics" if recorded else "mean/std estimated from training samples"
+    assert f"train: 40 samples, channels [0], 10 classes, normalised with {source}" in out
+
+
+def test_pretrained_encoder_of_another_family_or_depth_is_refused():
+    """Keys the loader used to let go: channel embeddings into a ViT, blocks beyond the model's depth."""
+    shape = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2)
+    vit = models_vit.create_model("vit_tiny_patch16", in_chans=1, num_classes=10, depth=1, **shape)
+    channel_mae = models_chamae.create_model("chamae_vit_tiny_patch16", in_chans=1, depth=1, **shape)
+    with pytest.raises(misc.CheckpointMismatchError, match="chamae.pth holds a ChannelMAE / ChannelViT encoder"):
+        main_finetune.load_pretrained(vit, channel_mae.state_dict(), "chamae.pth")
+    deeper = models_mae.create_model("mae_vit_tiny_patch16", in_chans=1, depth=2, **shape)
+    with pytest.raises(misc.CheckpointMismatchError, match=r"deeper.pth does not fit[\s\S]*unexpected keys"):
+        main_finetune.load_pretrained(vit, deeper.state_dict(), "deeper.pth")

@@ -226,6 +226,15 @@ def test_wrong_model_family_is_refused(tmp_path):
         model_from_checkpoint(path, model="mae_vit_tiny_patch16")
 
 
+@pytest.mark.parametrize("key", ["num_heads", "decoder_num_heads"])
+def test_head_count_other_than_the_checkpoints_is_refused(key, tmp_path):
+    """Heads do not show in the weights: an override of the recorded count would load and compute something else."""
+    path = save_ours(tiny(in_chans=2, img_size=32), tmp_path / "ckpt.pth", "chamae_vit_tiny_patch16", 32, IHC)
+    with pytest.raises(CheckpointError, match=rf"trained with {key}=2 \(--model_kwargs {key}=2\) but the model to "):
+        model_from_checkpoint(path, **{key: 1})
+    assert model_from_checkpoint(path, **{key: 2})[1]["kind"] == "pretrain"
+
+
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
 def test_checkpoint_wrapper_prefixes_are_dropped(tmp_path, prefix):
     """State dicts saved from a DDP and/or torch.compile wrapper (compile(DDP(m)) gives '_orig_mod.module.') load."""

@@ -31,7 +31,14 @@ import models_chamae
 import models_mae
 import models_vit
 from util.datasets import build_dataset, build_pretrain_dataset, build_transform
-from util.misc import CheckpointError, RunError, check_state_dict, load_checkpoint, parse_model_kwargs
+from util.misc import (
+    CheckpointError,
+    CheckpointMismatchError,
+    RunError,
+    check_state_dict,
+    load_checkpoint,
+    parse_model_kwargs,
+)
 from util.pos_embed import interpolate_pos_embed
 
 PRETRAIN_ONLY_KWARGS = ("norm_pix_loss", "decoder", "decode_ratio", "mask_mode", "hcs")
@@ -130,6 +137,12 @@ def decoder_shapes(state_dict):
     )
 
 
+def recorded_model_kwargs(args):
+    """A run's ``--model_kwargs`` as a dict (recorded as a list of 'key=value' strings, or as a dict)."""
+    model_kwargs = args.get("model_kwargs") or {}
+    return dict(model_kwargs) if isinstance(model_kwargs, dict) else parse_model_kwargs(model_kwargs)
+
+
 def kwargs_from_args(args, pretrain):
     """Model kwargs recorded in a training run's args (main_pretrain / main_finetune flags)."""
     kwargs = {}
@@ -141,25 +154,80 @@ def kwargs_from_args(args, pretrain):
         for key in ("norm_pix_loss", "decoder", "decode_ratio", "mask_mode"):
             if args.get(key) is not None:
                 kwargs[key] = args[key]
-    model_kwargs = args.get("model_kwargs") or {}
-    if isinstance(model_kwargs, dict):
-        kwargs.update(model_kwargs)
-    else:
-        kwargs.update(parse_model_kwargs(model_kwargs))
+    kwargs.update(recorded_model_kwargs(args))
     return kwargs
+
+
+def encoder_kwargs(args):
+    """The encoder options of a run's ``--model_kwargs``: without the decoder's and the pretraining-only ones."""
+    kwargs = recorded_model_kwargs(args)
+    return {k: v for k, v in kwargs.items() if k not in PRETRAIN_ONLY_KWARGS and not k.startswith("decoder")}
+
+
+def model_size(name):
+    """'channelvit_small_patch16' -> 'small' (None for a name without a known size)."""
+    found = re.search(r"vit_([a-z]+)_patch", name or "")
+    return found.group(1) if found and found.group(1) in models_mae.SIZES else None
+
+
+def size_defaults(name):
+    """The options --model's size sets: patch_size, embed_dim, depth, num_heads and the decoder's."""
+    size = model_size(name)
+    return {**models_mae.SIZES[size], **models_mae.DECODER_SIZES.get(size, dict(decoder_num_heads=16))}
 
 
 def check_heads(kwargs, name):
     """Refuse a head count that does not divide the width (heads are not visible in the tensors)."""
-    size = re.search(r"vit_([a-z]+)_patch", name).group(1)
-    decoder = models_mae.DECODER_SIZES.get(size, dict(decoder_num_heads=16))
-    defaults = {**models_mae.SIZES[size], **decoder, **kwargs}
+    defaults = {**size_defaults(name), **kwargs}
     for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
         if width in defaults and heads in defaults and defaults[width] % defaults[heads]:
             raise CheckpointError(
                 f"{width}={defaults[width]} of the checkpoint is not divisible by {heads}={defaults[heads]} of "
                 f"'{name}'; pass the trained head count, e.g. --model_kwargs {heads}=N"
             )
+
+
+def _flag_of(key, value, model_kwargs, name):
+    """The flag a model option came from: --model_kwargs when it was given there, else --model's size."""
+    return f"--model_kwargs {key}={value}" if key in model_kwargs else f"--model {name}"
+
+
+def check_architecture(path, checkpoint_args, name, kwargs, given, decoder=False):
+    """Refuse a model whose head counts differ from those ``path`` was trained with: no tensor shape shows them,
+    so the checkpoint would load without complaint and compute something else.
+
+    checkpoint_args: the args of the run that wrote ``path`` (nothing to compare without a model name, as in the
+    published MAE files); name, kwargs: the model to build and its options; given: the options the user passed
+    (``--model_kwargs``), named in the message; decoder: compare the decoder's heads too. Raises
+    ``CheckpointMismatchError``.
+    """
+    trained_name = checkpoint_args.get("model")
+    if model_size(trained_name) is None or model_size(name) is None:
+        return
+    trained_kwargs = recorded_model_kwargs(checkpoint_args) if decoder else encoder_kwargs(checkpoint_args)
+    trained = {**size_defaults(trained_name), **trained_kwargs}
+    built = {**size_defaults(name), **kwargs}
+    for key in ("num_heads", "decoder_num_heads") if decoder else ("num_heads",):
+        if trained[key] == built[key]:
+            continue
+        trained_flag = _flag_of(key, trained[key], trained_kwargs, trained_name)
+        built_flag = _flag_of(key, built[key], given, name)
+        raise CheckpointMismatchError(
+            f"{path} was trained with {key}={trained[key]} ({trained_flag}) but the model to build has "
+            f"{key}={built[key]} ({built_flag}); {key} does not show in the weights' shapes, so the checkpoint would "
+            f"load and compute something else. Pass --model_kwargs {key}={trained[key]}, or leave --model / "
+            "--model_kwargs out to build the checkpoint's architecture"
+        )
+
+
+def checkpoint_input_size(checkpoint_args, state_dict):
+    """The image size a checkpoint was trained at: its ``--input_size``, else its position embedding's grid side
+    times its patch size; None where neither tells."""
+    if checkpoint_args.get("input_size"):
+        return int(checkpoint_args["input_size"])
+    if "pos_embed" in state_dict and "patch_embed.proj.weight" in state_dict:
+        return checkpoint_grid(state_dict) * state_dict["patch_embed.proj.weight"].shape[-1]
+    return None
 
 
 def model_from_checkpoint(path, model=None, input_size=None, encoder_only=False, unsafe=False, **overrides):
@@ -206,6 +274,7 @@ def model_from_checkpoint(path, model=None, input_size=None, encoder_only=False,
         kwargs["img_size"] = input_size
     kwargs.update(overrides)
     check_heads(kwargs, name)
+    check_architecture(path, args, name, kwargs, overrides, decoder=pretrain)
 
     if pretrain:
         net = models_chamae.create_model(name, **kwargs)
@@ -234,11 +303,19 @@ DATA_FLAGS = ("data_path", "channels", "mean", "std", "channel_stats", "channel_
 SPLITS = ("pretrain", "train", "val")
 
 
+def inherit_args(args, checkpoint_args, flags):
+    """Set each of ``flags`` that ``args`` leaves unset (None) to the checkpoint's value; returns those it set."""
+    taken = []
+    for key in flags:
+        if getattr(args, key, None) is None and checkpoint_args.get(key) is not None:
+            setattr(args, key, checkpoint_args[key])
+            taken.append(key)
+    return taken
+
+
 def inherit_data_args(args, checkpoint_args, model):
     """Fill unset (None) data flags of `args` from the checkpoint's args; input_size from the model."""
-    for key in DATA_FLAGS:
-        if getattr(args, key, None) is None:
-            setattr(args, key, checkpoint_args.get(key))
+    inherit_args(args, checkpoint_args, DATA_FLAGS)
     args.input_size = model.patch_embed.img_size[0]
     if not args.data_path:
         raise RunError("--data_path is required (the checkpoint records none)")

@@ -29,14 +29,18 @@ Normalisation, per channel and in raw pixel units; the first that applies wins
     2. ``--channel_stats FILE``;
     3. ``channel_stats.json`` in the data root (the CSV's folder for a CSV path), written by
        ``python -m util.datasets stats --data_path ROOT --out ROOT/channel_stats.json``;
-    4. ImageNet mean/std x 255 when 3 channels are used and every file is 8-bit;
-    5. otherwise mean/std estimated when the dataset is built from up to 256 evenly spaced training samples,
+    4. the statistics recorded in the checkpoint the run starts from (``checkpoint_stats``, a
+       ``normalization_record``), when it was trained on files of the same channel count and pixel types;
+    5. ImageNet mean/std x 255 for 8-bit RGB images (``is_rgb``: one colour PNG/JPEG file per sample read in file
+       order, or 3 channels named R, G, B); a 3-band 8-bit TIFF or NPY is not assumed to be RGB;
+    6. otherwise mean/std estimated when the dataset is built from up to 256 evenly spaced training samples,
        with a logged warning (the same samples on every call, so train, val and all ranks agree).
+    The dataset keeps the values and their source (``mean``, ``std``, ``norm_source``).
 
 Transforms (``build_transform``) act on float tensors of any C with torchvision.transforms.v2. One exception:
-fine-tune training on 3-channel 8-bit data uses timm's ``create_transform`` (RandAugment ``--aa``,
+fine-tune training on 8-bit RGB images uses timm's ``create_transform`` (RandAugment ``--aa``,
 ``--color_jitter``, random erasing ``--reprob/--remode/--recount``) on a PIL image, so ImageNet recipes keep
-working.
+working. Other 3-channel 8-bit data get a warning saying that neither this nor ImageNet mean/std applies.
 
 Validation: every file's header (shape and dtype, no pixel decoding, plus a truncation check for TIFF, PNG
 and NPY) is read when the dataset is built, so a missing, corrupt or mismatched file fails before training
@@ -779,24 +783,65 @@ def _estimate_mean_std(samples, ids, num_channels, source, args):
     return stats["mean"], stats["std"]
 
 
-def resolve_mean_std(args, stats_dir, ids, num_channels, dtypes, estimate):
-    """Per-channel (mean, std) in raw pixel units by the policy in the module docstring."""
+def is_rgb(samples, ids, dtypes, names):
+    """Whether the channels read are 8-bit RGB: all of one colour PNG/JPEG file per sample, in file order, or three
+    channels named R, G, B (``channels.txt`` or the CSV's columns). A 3-band 8-bit TIFF or NPY is not assumed RGB."""
+    if len(ids) != 3 or dtypes != {"uint8"}:
+        return False
+    if names is not None and [names[i].upper() for i in ids] == ["R", "G", "B"]:
+        return True
+    colour_files = all(isinstance(files, str) and Path(files).suffix.lower() in PIL_SUFFIXES for files, _ in samples)
+    return colour_files and list(ids) == [0, 1, 2]
+
+
+def normalization_record(dataset) -> dict:
+    """What a checkpoint keeps of its training data's normalisation (``args.normalization``): mean/std in raw units
+    of the channel ids read, with the files' channel count and pixel types."""
+    return dict(
+        num_channels=dataset.num_channels,
+        channels=list(dataset.channel_ids),
+        dtypes=sorted(dataset.dtypes),
+        mean=[float(m) for m in dataset.mean],
+        std=[float(s) for s in dataset.std],
+    )
+
+
+def recorded_mean_std(record, ids, num_channels, dtypes):
+    """(mean, std) of channel ids ``ids`` from a checkpoint's ``normalization_record``, or None unless it was made on
+    files with the same channel count and pixel types and holds every one of ``ids``."""
+    if not record or record.get("num_channels") != num_channels or set(record.get("dtypes") or ()) != set(dtypes):
+        return None
+    row = {c: i for i, c in enumerate(record["channels"])}
+    if not all(c in row for c in ids):
+        return None
+    return [record["mean"][row[c]] for c in ids], [record["std"][row[c]] for c in ids]
+
+
+def resolve_mean_std(args, stats_dir, ids, num_channels, dtypes, estimate, *, rgb=False, checkpoint=None):
+    """Per-channel (mean, std) in raw pixel units and where they came from, by the policy in the module docstring.
+
+    rgb: whether the data are 8-bit RGB images (``is_rgb``); checkpoint: the (mean, std) a checkpoint recorded for
+    these channels (``recorded_mean_std``), or None.
+    """
     mean, std = parse_floats(getattr(args, "mean", None), "--mean"), parse_floats(getattr(args, "std", None), "--std")
     if (mean is None) != (std is None):
         raise DatasetError("--mean and --std must be given together")
     if mean is not None:
         mean, std = _per_channel(mean, "--mean", ids, num_channels), _per_channel(std, "--std", ids, num_channels)
-        return mean, _positive_std(std)
+        return mean, _positive_std(std), "--mean/--std"
     explicit = getattr(args, "channel_stats", None)
     stats_path = Path(explicit) if explicit else stats_dir / STATS_FILENAME
     if explicit or stats_path.is_file():
         stats = load_channel_stats(stats_path)
         mean = _per_channel(stats["mean"], str(stats_path), ids, num_channels)
-        return mean, _positive_std(_per_channel(stats["std"], str(stats_path), ids, num_channels))
-    if len(ids) == 3 and dtypes == {"uint8"}:
-        return [m * 255 for m in IMAGENET_DEFAULT_MEAN], [s * 255 for s in IMAGENET_DEFAULT_STD]
+        return mean, _positive_std(_per_channel(stats["std"], str(stats_path), ids, num_channels)), str(stats_path)
+    if checkpoint is not None:
+        return list(checkpoint[0]), _positive_std(list(checkpoint[1])), "the checkpoint's statistics"
+    if rgb:
+        mean, std = [m * 255 for m in IMAGENET_DEFAULT_MEAN], [s * 255 for s in IMAGENET_DEFAULT_STD]
+        return mean, std, "ImageNet mean/std (8-bit RGB images)"
     mean, std = estimate()
-    return mean, _positive_std(std)
+    return mean, _positive_std(std), "mean/std estimated from training samples"
 
 
 # ---------------------------------------------------------------------------------------------- transforms
@@ -948,21 +993,32 @@ class MultiChannelDataset(torch.utils.data.Dataset):
         return (self.transform(x) if self.transform else x), self.samples[index][1]
 
 
-def _build(samples, classes, csv_names, path, args, *, train, pretrain, stats_samples):
-    """Validate samples and attach channel selection, normalisation and transform; stats_samples feed estimates."""
+def _build(samples, classes, csv_names, path, args, *, train, pretrain, stats_samples, checkpoint_stats=None):
+    """Validate samples and attach channel selection, normalisation and transform; stats_samples feed estimates.
+
+    The dataset also carries its normalisation: ``mean``, ``std`` (raw units, per channel read) and ``norm_source``.
+    """
     stats_dir = _stats_dir(path)
     num_listed = len(samples)
     split = "" if pretrain else f" ({'train' if train else 'val'} split)"
     samples, shape, dtypes = _validate(samples, args, f"--data_path {path}{split}")
     ids = _channel_ids(args, shape[0], samples[0][0])
+    names = _channel_names(stats_dir, csv_names, shape[0])
 
     def estimate():
         return _estimate_mean_std(stats_samples or samples, ids, shape[0], str(path), args)
 
-    mean, std = resolve_mean_std(args, stats_dir, ids, shape[0], dtypes, estimate)
-    uint8_rgb = len(ids) == 3 and dtypes == {"uint8"}
-    transform = build_transform(train, args, pretrain, mean=mean, std=std, uint8_rgb=uint8_rgb)
-    names = _channel_names(stats_dir, csv_names, shape[0])
+    rgb = is_rgb(stats_samples or samples, ids, dtypes, names)
+    recorded = recorded_mean_std(checkpoint_stats, ids, shape[0], dtypes)
+    mean, std, source = resolve_mean_std(args, stats_dir, ids, shape[0], dtypes, estimate, rgb=rgb, checkpoint=recorded)
+    if train and len(ids) == 3 and dtypes == {"uint8"} and not rgb:
+        logger.warning(
+            "%s: 3 8-bit channels that are not RGB images (colour PNG/JPEG files, or channels named R, G, B in %s), "
+            "so neither ImageNet mean/std nor the RGB fine-tuning augmentation (RandAugment, colour jitter, random "
+            "erasing) is used; normalising with %s",
+            *(path, CHANNEL_NAMES_FILENAME, source),
+        )
+    transform = build_transform(train, args, pretrain, mean=mean, std=std, uint8_rgb=rgb)
     dataset = MultiChannelDataset(
         samples,
         classes,
@@ -974,22 +1030,36 @@ def _build(samples, classes, csv_names, path, args, *, train, pretrain, stats_sa
         **_reading(args),
     )
     dataset.num_dropped = num_listed - len(samples)
+    dataset.mean, dataset.std, dataset.norm_source = mean, std, source
     return dataset
 
 
-def build_dataset(is_train, args):
-    """Labelled dataset of --data_path/{train,val} (class folders or {train,val}.csv) for fine-tuning and eval."""
+def build_dataset(is_train, args, checkpoint_stats=None):
+    """Labelled dataset of --data_path/{train,val} (class folders or {train,val}.csv) for fine-tuning and eval;
+    checkpoint_stats: the ``normalization_record`` of the checkpoint the run starts from, if any."""
     root = _data_path(args)
     train_samples, classes, names = _labelled_split(root, "train", None)
     samples = train_samples if is_train else _labelled_split(root, "val", classes)[0]
-    return _build(samples, classes, names, root, args, train=is_train, pretrain=False, stats_samples=train_samples)
+    return _build(
+        samples,
+        classes,
+        names,
+        root,
+        args,
+        train=is_train,
+        pretrain=False,
+        stats_samples=train_samples,
+        checkpoint_stats=checkpoint_stats,
+    )
 
 
-def build_pretrain_dataset(args):
+def build_pretrain_dataset(args, checkpoint_stats=None):
     """Unlabelled dataset (labels -1) of --data_path: a CSV, root/train.csv, root/train/ or root/."""
     path = _data_path(args)
     samples, names = _unlabelled_samples(path)
-    return _build(samples, [], names, path, args, train=True, pretrain=True, stats_samples=None)
+    return _build(
+        samples, [], names, path, args, train=True, pretrain=True, stats_samples=None, checkpoint_stats=checkpoint_stats
+    )
 
 
 def build_raw_dataset(data_path, skip_bad_samples=False, allow_mixed_sizes=False, channel_axis=None, nan_fill=None):

@@ -1233,10 +1233,12 @@ def num_known_channels(dataset) -> int:
 
 
 def describe_dataset(name: str, dataset) -> str:
-    """One line: sample count, channels read and classes."""
+    """One line: sample count, channels read, classes and where the normalisation came from."""
     classes = getattr(dataset, "classes", None)
     class_info = f", {len(classes)} classes" if classes else ""
-    return f"{name}: {len(dataset)} samples, channels {list(dataset.channel_ids)}{class_info}"
+    source = getattr(dataset, "norm_source", None)
+    norm_info = f", normalised with {source}" if source else ""
+    return f"{name}: {len(dataset)} samples, channels {list(dataset.channel_ids)}{class_info}{norm_info}"
 
 
 def describe_optimizer(optimizer) -> str:
