@@ -24,7 +24,7 @@ def train_one_epoch(
     """Train for one epoch; returns the epoch averages ``{'loss': ..., 'lr': ..., 'grad_norm': ...}``.
 
     Batches are (imgs (N, C, H, W), labels (N,)); ``mixup_fn`` turns labels into soft targets (N, num_classes).
-    ``channel_ids`` (C,) names the input planes. Losses and gradient norms
+    ``channel_ids`` (C,) names the input planes. The criterion runs on float32 logits. Losses and gradient norms
     (before clipping) stay on the device between logging steps (``misc.LossTracker``); a NaN/inf loss raises
     ``misc.NonFiniteLossError``.
     ``progress`` (of a checkpoint saved mid-epoch, ``misc.resume_progress``) continues the epoch at its step; a
@@ -53,7 +53,7 @@ def train_one_epoch(
         with misc.maybe_no_sync(model, not update):
             with misc.autocast(device, args.amp):
                 outputs = model(samples, channel_ids=channel_ids)
-                loss = criterion(outputs, targets)
+            loss = criterion(outputs.float(), targets)  # softmax and means in float32 whatever the autocast dtype
             grad_norm = loss_scaler(
                 loss / accum_iter, optimizer, clip_grad=max_norm, parameters=model.parameters(), update_grad=update
             )
