@@ -21,11 +21,12 @@ def train_one_epoch(
     channel_ids: torch.Tensor | None = None,
     progress: dict | None = None,
 ) -> dict:
-    """Train for one epoch; returns the epoch averages ``{'loss': ..., 'lr': ...}``.
+    """Train for one epoch; returns the epoch averages ``{'loss': ..., 'lr': ..., 'grad_norm': ...}``.
 
     Batches are (imgs (N, C, H, W), labels (N,)); ``mixup_fn`` turns labels into soft targets (N, num_classes).
-    ``channel_ids`` (C,) names the input planes. Losses stay on the device between logging steps
-    (``misc.LossTracker``); a NaN/inf loss raises ``misc.NonFiniteLossError``.
+    ``channel_ids`` (C,) names the input planes. The criterion runs on float32 logits. Losses and gradient norms
+    (before clipping) stay on the device between logging steps (``misc.LossTracker``); a NaN/inf loss raises
+    ``misc.NonFiniteLossError``.
     ``progress`` (of a checkpoint saved mid-epoch, ``misc.resume_progress``) continues the epoch at its step; a
     stop signal (``misc.install_stop_handlers``) raises ``misc.TrainingStopped`` after an optimizer step.
     """
@@ -52,13 +53,13 @@ def train_one_epoch(
         with misc.maybe_no_sync(model, not update):
             with misc.autocast(device, args.amp):
                 outputs = model(samples, channel_ids=channel_ids)
-                loss = criterion(outputs, targets)
-            loss_scaler(
+            loss = criterion(outputs.float(), targets)  # softmax and means in float32 whatever the autocast dtype
+            grad_norm = loss_scaler(
                 loss / accum_iter, optimizer, clip_grad=max_norm, parameters=model.parameters(), update_grad=update
             )
         if update:
             optimizer.zero_grad(set_to_none=True)
-        tracker.update(loss, step)
+        tracker.update(loss, step, grad_norm)
 
         misc.log_train_step(step, num_steps, epoch, lr, tracker, metric_logger, log_writer, print_freq)
         if update and step + 1 < num_steps:  # a stop at the last step is handled once the epoch is saved

@@ -18,11 +18,12 @@ def train_one_epoch(
     channel_ids: torch.Tensor | None = None,
     progress: dict | None = None,
 ) -> dict:
-    """Train for one epoch; returns the epoch averages ``{'loss': ..., 'lr': ...}``.
+    """Train for one epoch; returns the epoch averages ``{'loss': ..., 'lr': ..., 'grad_norm': ...}``.
 
     Batches are (imgs (N, C, H, W), labels); labels are ignored. ``channel_ids`` (C,) names the input planes. The
-    lr follows ``util.lr_sched`` per iteration (updated every ``args.accum_iter`` steps). Losses stay on the
-    device between logging steps (see ``misc.LossTracker``); a NaN/inf loss raises ``misc.NonFiniteLossError``.
+    lr follows ``util.lr_sched`` per iteration (updated every ``args.accum_iter`` steps). Losses and gradient norms
+    (before clipping) stay on the device between logging steps (see ``misc.LossTracker``); a NaN/inf loss raises
+    ``misc.NonFiniteLossError``.
     ``progress`` (of a checkpoint saved mid-epoch, ``misc.resume_progress``) continues the epoch at its step; a
     stop signal (``misc.install_stop_handlers``) raises ``misc.TrainingStopped`` after an optimizer step.
     """
@@ -46,7 +47,7 @@ def train_one_epoch(
         with misc.maybe_no_sync(model, not update):
             with misc.autocast(device, args.amp):
                 loss, _, _ = model(samples, mask_ratio=args.mask_ratio, channel_ids=channel_ids)
-            loss_scaler(
+            grad_norm = loss_scaler(
                 loss / accum_iter,
                 optimizer,
                 clip_grad=args.clip_grad,
@@ -55,7 +56,7 @@ def train_one_epoch(
             )
         if update:
             optimizer.zero_grad(set_to_none=True)
-        tracker.update(loss, step)
+        tracker.update(loss, step, grad_norm)
 
         misc.log_train_step(step, num_steps, epoch, lr, tracker, metric_logger, log_writer, print_freq)
         if update and step + 1 < num_steps:  # a stop at the last step is handled once the epoch is saved

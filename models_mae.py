@@ -154,22 +154,25 @@ class MaskedAutoencoderViT(nn.Module):
         self.grad_checkpointing = enable
 
     def patchify(self, imgs):
-        """imgs: (N, C, H, W) -> (N, L, p*p*C), pixels in (row, column, channel) order within a patch."""
+        """imgs: (N, C, H, W) -> (N, L, p*p*C), pixels in (row, column, channel) order within a patch.
+
+        A permutation rather than einsum, which CUDA autocast would run in half precision, rounding the targets.
+        """
         N, C, H, W = imgs.shape
         p = self.patch_size
         if H % p or W % p:
             raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
         h, w = H // p, W // p
-        x = imgs.reshape(N, C, h, p, w, p)
-        return torch.einsum("nchpwq->nhwpqc", x).reshape(N, h * w, p * p * C)
+        x = imgs.reshape(N, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1)  # (n c h p w q) -> (n h w p q c)
+        return x.reshape(N, h * w, p * p * C)
 
     def unpatchify(self, x):
         """x: (N, L, p*p*C) -> (N, C, H, W), on the model's patch grid."""
         p = self.patch_size
         h, w = self.patch_embed.grid_size
         C = x.shape[-1] // (p * p)
-        x = x.reshape(x.shape[0], h, w, p, p, C)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], C, h * p, w * p)
+        x = x.reshape(x.shape[0], h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (n h w p q c) -> (n c h p w q)
+        return x.reshape(x.shape[0], C, h * p, w * p)
 
     def select_channels(self, imgs, channel_ids):
         """Hook for channel sub-sampling during training; MAE always sees every channel."""
@@ -190,7 +193,7 @@ class MaskedAutoencoderViT(nn.Module):
     def random_masking(self, x, mask_ratio):
         """Keep the `len_keep` tokens of lowest noise per sample.
 
-        x: (N, T, D) -> (x_visible (N, len_keep, D), mask (N, T) with 1 = masked, ids_restore (N, T)).
+        x: (N, T, D) -> (x_visible (N, len_keep, D), mask (N, T) float32 with 1 = masked, ids_restore (N, T)).
         """
         N, T, D = x.shape
         noise, len_keep = self.masking_noise(N, T, mask_ratio, x.device)
@@ -200,7 +203,7 @@ class MaskedAutoencoderViT(nn.Module):
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :len_keep]
         x_visible = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
-        mask = (ids_restore >= len_keep).to(x.dtype)
+        mask = (ids_restore >= len_keep).float()
         return x_visible, mask, ids_restore
 
     def run_blocks(self, blocks, x):
@@ -217,7 +220,10 @@ class MaskedAutoencoderViT(nn.Module):
         return self.norm(x), mask, ids_restore
 
     def forward_decoder(self, latent, ids_restore, channel_ids=None, decode_ratio=1.0):
-        """latent: (N, 1 + V, D) -> pred (N, T, p*p*c), decoded (N, T) with 1 where pred predicts a masked token."""
+        """latent: (N, 1 + V, D) -> pred (N, T, p*p*c), decoded (N, T) float32, 1 where pred predicts a masked token.
+
+        pred takes the autocast dtype; decoded stays float32, whose sum is the loss's normaliser.
+        """
         if self.decoder == "cross":
             return self.forward_cross_decoder(latent, ids_restore, channel_ids, decode_ratio)
         x = self.decoder_embed(latent)
@@ -230,7 +236,7 @@ class MaskedAutoencoderViT(nn.Module):
         for blk in self.decoder_blocks:
             x = blk(x)
         pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
-        return pred, (ids_restore >= num_visible).to(pred.dtype)
+        return pred, (ids_restore >= num_visible).float()
 
     def forward_cross_decoder(self, latent, ids_restore, channel_ids, decode_ratio):
         """Decode a random `decode_ratio` fraction of the masked tokens by cross-attention to the visible latents."""
@@ -253,20 +259,26 @@ class MaskedAutoencoderViT(nn.Module):
         pred_decoded = self.decoder_pred(self.decoder_norm(x))
         pred = pred_decoded.new_zeros(N, T, pred_decoded.shape[2])
         pred = pred.scatter(1, ids_decoded.unsqueeze(-1).expand(-1, -1, pred.shape[2]), pred_decoded)
-        decoded = torch.zeros(N, T, device=latent.device, dtype=pred.dtype).scatter(1, ids_decoded, 1.0)
+        decoded = torch.zeros(N, T, device=latent.device).scatter(1, ids_decoded, 1.0)
         return pred, decoded
 
-    def forward_loss(self, imgs, pred, decoded):
-        """Mean squared error over the decoded masked tokens.
-
-        imgs: (N, C, H, W); pred: (N, T, P); decoded: (N, T), 1 for tokens that count in the loss.
-        """
-        target = self.patchify(imgs)
+    def loss_target(self, imgs):
+        """imgs: (N, C, H, W) -> what pred predicts, (N, T, P) float32: the patches, under norm_pix_loss each
+        normalised by its own mean and variance."""
+        target = self.patchify(imgs.float())
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
-        loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)
+        return target
+
+    def forward_loss(self, imgs, pred, decoded):
+        """Mean squared error over the decoded masked tokens, every reduction in float32 whatever pred's dtype.
+
+        imgs: (N, C, H, W); pred: (N, T, P); decoded: (N, T), 1 for tokens that count in the loss.
+        """
+        loss = ((pred.float() - self.loss_target(imgs)) ** 2).mean(dim=-1)
+        decoded = decoded.float()
         return (loss * decoded).sum() / decoded.sum()
 
     def forward(self, imgs, mask_ratio=0.75, channel_ids=None):

@@ -1,4 +1,5 @@
-"""Draw MAE / ChannelMAE reconstructions of a few images into one PNG and print the per-channel masked MSE.
+"""Draw MAE / ChannelMAE reconstructions of a few images into one PNG and print the per-channel masked MSE (in the
+loss's target space: normalised pixels, or per-patch normalised ones under --norm_pix_loss).
 
 For each sample, one row per channel: original, masked input, reconstruction, reconstruction with the visible
 patches pasted back; every row contrast-stretched (1st-99th percentile of its original channel); for 3 channels
@@ -17,7 +18,7 @@ import torch
 import util.misc as misc
 from util.checkpoint_io import SPLITS, eval_dataset, inherit_data_args, model_from_checkpoint
 from util.datasets import DatasetError
-from util.vis import channel_labels, fixed_batch, reconstruction_grid, save_png
+from util.vis import channel_labels, fixed_batch, mse_space, reconstruction_grid, save_png
 
 
 def parse_rgb(value):
@@ -94,7 +95,7 @@ def main(args):
     )
     save_png(grid, args.out)
     print(f"{info['name']} ({args.resume}), {len(imgs)} samples, mask ratio {mask_ratio}")
-    print("masked MSE per channel (normalised pixels):")
+    print(f"masked MSE per channel ({mse_space(model)}):")
     for name, mse in zip(names, channel_mse):
         print(f"  {name}: {mse:.4f}")
     print(f"wrote {args.out} ({grid.shape[1]}x{grid.shape[0]})")

@@ -54,6 +54,7 @@ import util.misc as misc  # noqa: E402
 from extract_features import encode, knn_accuracy  # noqa: E402
 from util.checkpoint_io import eval_dataset, inherit_data_args, model_from_checkpoint  # noqa: E402
 from util.datasets import build_pretrain_dataset, read_image  # noqa: E402
+from util.vis import target_space_error, token_to_pixel_mask  # noqa: E402
 
 IHC_DIR = ROOT / "sample_data" / "ihc"
 DIGITS_DIR = ROOT / "sample_data" / "digits"
@@ -292,9 +293,10 @@ def stack(dataset):
 def masked_mse(model, imgs, channel_ids, mask_ratio, draws, batch_size=128):
     """Reconstruction MSE over the masked tokens, every masked token decoded; mean over `draws` fixed masks.
 
-    imgs: (N, C, H, W) normalised. The error is in the model's target space (model.forward_loss). Returns a dict:
-    'mse' (float), 'channel_mse' (C floats: over each channel's masked tokens; ChannelMAE tokens are
-    channel-major, token t belongs to channel t // L) and 'zero_mse', 'zero_channel_mse': the same for a
+    imgs: (N, C, H, W) normalised. The error is in the model's target space (util.vis.target_space_error: the
+    loss's squared errors, each at its pixel), so 'mse' is the loss over the masked tokens. Returns a dict: 'mse'
+    (float), 'channel_mse' (C floats: over each channel's masked pixels; an MAE token holds every channel, so
+    its channels are told apart by pixel, not by token) and 'zero_mse', 'zero_channel_mse': the same for a
     prediction of 0 everywhere (the training mean, for unnormalised targets) on the same masks, a reference.
     """
     N, C = imgs.shape[:2]
@@ -306,14 +308,10 @@ def masked_mse(model, imgs, channel_ids, mask_ratio, draws, batch_size=128):
             torch.manual_seed(MASK_SEED_BASE + draw * 1000 + b0)
             latent, mask, ids_restore = model.forward_encoder(batch, mask_ratio, channel_ids)
             pred, _ = model.forward_decoder(latent, ids_restore, channel_ids, 1.0)
-            token_channel = torch.arange(mask.shape[1], device=mask.device) // (mask.shape[1] // C)
-            for c in range(C):
-                weight = mask * (token_channel == c)
-                n = float(weight.sum())
-                if n:
-                    for k, p in enumerate((pred, torch.zeros_like(pred))):
-                        sums[k, c] += float(model.forward_loss(batch, p, weight)) * n
-                    counts[c] += n
+            masked = token_to_pixel_mask(model, mask, C)
+            for k, p in enumerate((pred, torch.zeros_like(pred))):
+                sums[k] += (target_space_error(model, batch, p) * masked).double().sum(dim=(0, 2, 3)).cpu()
+            counts += masked.sum(dim=(0, 2, 3)).double().cpu()
     per_channel = torch.where(counts > 0, sums / counts.clamp(min=1), math.nan).tolist()
     total = (sums.sum(dim=1) / counts.sum()).tolist()
     return dict(mse=total[0], channel_mse=per_channel[0], zero_mse=total[1], zero_channel_mse=per_channel[1])

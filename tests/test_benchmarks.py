@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--patch_size", "8", "--embed_dim", "32", "--depth", "1", "--num_heads", "2"]
@@ -49,6 +50,25 @@ def test_bench_train_tiny_chamae_writes_json(tmp_path, isolation):
     assert set(result["sdpa_kernel"].split("+")) <= kernels, result["sdpa_kernel"]
     assert result["mfu"] is None and result["host_syncs"] is None
     assert math.isfinite(result["loss"])
+
+
+@pytest.mark.parametrize("name", ["mae_vit_tiny_patch16", "chamae_vit_tiny_patch16"])
+def test_bench_quality_channel_mse_is_per_channel(name):
+    """Channel c constant at c + 1: predicting 0 errs by (c + 1)^2 on that channel's pixels, also for an MAE, whose
+    tokens hold every channel; the pixel-weighted mean of the channels is the overall MSE."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_quality
+
+    import models_chamae
+
+    kwargs = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    model = models_chamae.create_model(name, img_size=32, patch_size=8, in_chans=3, **kwargs).eval()
+    imgs = torch.arange(1.0, 4.0)[None, :, None, None].expand(4, 3, 32, 32)
+    errors = bench_quality.masked_mse(model, imgs, torch.arange(3), mask_ratio=0.75, draws=2)
+    assert errors["zero_channel_mse"] == pytest.approx([1.0, 4.0, 9.0]) and errors["mse"] > 0
+    if name.startswith("mae_"):  # a masked MAE token hides every channel: equal pixel counts
+        assert errors["zero_mse"] == pytest.approx(14.0 / 3)
+        assert errors["mse"] == pytest.approx(sum(errors["channel_mse"]) / 3)
 
 
 QUALITY_TINY = ["--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--decoder_embed_dim", "32"]

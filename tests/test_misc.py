@@ -155,11 +155,38 @@ def test_loss_tracker_reports_mean_and_first_bad_step():
     tracker = misc.LossTracker(torch.device("cpu"), epoch=7)
     for step, value in enumerate((1.0, 2.0, 3.0)):
         tracker.update(torch.tensor(value), step)
-    assert tracker.flush() == (2.0, 3)
+    assert tracker.flush() == {"loss": (2.0, 3)}
     for step, value in ((3, 1.0), (4, math.nan), (5, math.inf)):
         tracker.update(torch.tensor(value), step)
     with pytest.raises(misc.NonFiniteLossError, match="epoch 7, step 4"):
         tracker.flush()
+
+
+def test_loss_tracker_averages_finite_grad_norms_of_optimizer_steps():
+    """None on accumulation steps; an fp16 step skipped by the scaler has an infinite norm and is left out."""
+    tracker = misc.LossTracker(torch.device("cpu"), epoch=0)
+    for step, norm in enumerate((None, 3.0, None, math.inf, None, 5.0)):
+        tracker.update(torch.tensor(1.0), step, None if norm is None else torch.tensor(norm))
+    assert tracker.flush() == {"loss": (1.0, 6), "grad_norm": (4.0, 2)}
+    tracker.update(torch.tensor(1.0), 6)
+    assert tracker.flush() == {"loss": (1.0, 1)}
+
+
+def test_log_train_step_logs_grad_norm_like_the_loss():
+    class Writer:
+        def __init__(self):
+            self.scalars = {}
+
+        def add_scalar(self, tag, value, step):
+            self.scalars[tag] = (value, step)
+
+    tracker = misc.LossTracker(torch.device("cpu"), epoch=2)
+    logger, writer = misc.MetricLogger(), Writer()
+    for step in range(4):
+        tracker.update(torch.tensor(float(step)), step, torch.tensor(10.0 * step))
+        misc.log_train_step(step, 4, 2, 0.1, tracker, logger, writer, print_freq=2)
+    assert writer.scalars == {"train_loss": (3.0, 3000), "train_grad_norm": (30.0, 3000), "lr": (0.1, 3000)}
+    assert logger.grad_norm.global_avg == pytest.approx(15.0) and logger.loss.global_avg == pytest.approx(1.5)
 
 
 def test_parse_model_kwargs():

@@ -85,14 +85,16 @@ def test_pretrain_outputs_and_learning(pretrained):
     output_dir, out = pretrained
     log = read_log(output_dir)
     assert [entry["epoch"] for entry in log] == list(range(PRETRAIN_EPOCHS))
-    assert {"train_loss", "train_lr", "n_parameters"} <= set(log[0])
+    assert {"train_loss", "train_lr", "train_grad_norm", "n_parameters"} <= set(log[0])
+    assert all(entry["train_grad_norm"] > 0 for entry in log)
     names = sorted(os.listdir(output_dir))
     assert [n for n in names if n.startswith("checkpoint")] == [
         "checkpoint-3.pth",
         "checkpoint-7.pth",
         "checkpoint-last.pth",
     ]
-    assert {"train_loss", "lr"} <= tensorboard_tags(output_dir)
+    assert {"train_loss", "train_grad_norm", "lr"} <= tensorboard_tags(output_dir)
+    assert "grad_norm: " in out
     checkpoint = torch.load(output_dir / "checkpoint-last.pth", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == PRETRAIN_EPOCHS - 1 and checkpoint["args"]["model"] == "chamae_vit_tiny_patch16"
     assert checkpoint["model"]["channel_embed"].shape == (6, 64)
@@ -112,8 +114,9 @@ def test_finetune_eval_linprobe(pretrained, digits, tmp_path):
     missing = ast.literal_eval(re.search(r"missing keys: (\[.*\])", proc.stdout).group(1))
     assert set(missing) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
     log = read_log(finetune_dir)
-    assert {"train_loss", "test_acc1", "test_acc5", "test_loss", "epoch", "n_parameters"} <= set(log[-1])
-    assert {"train_loss", "lr", "test_acc1", "test_loss"} <= tensorboard_tags(finetune_dir)
+    keys = {"train_loss", "train_grad_norm", "test_acc1", "test_acc5", "test_loss", "epoch", "n_parameters"}
+    assert keys <= set(log[-1])
+    assert {"train_loss", "train_grad_norm", "lr", "test_acc1", "test_loss"} <= tensorboard_tags(finetune_dir)
     assert os.path.isfile(finetune_dir / "checkpoint-best.pth")
     final_line = accuracy_lines(proc.stdout)[-1]
 

@@ -18,6 +18,8 @@ import visualize
 from util.checkpoint_io import eval_dataset, model_from_checkpoint
 from util.misc import CheckpointError
 from util.vis import (
+    NORM_PIX_NOTE,
+    NOTE_LINE_H,
     PANELS,
     GridLayout,
     auto_scale,
@@ -25,6 +27,7 @@ from util.vis import (
     log_reconstructions,
     reconstruct,
     reconstruction_grid,
+    render_grid,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,11 +82,13 @@ def test_grid_layout_geometry():
     assert layout.origin(1, 0, 1) == (2 + 50, 2 + 3 * 66 + 6)
 
 
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
 @pytest.mark.parametrize("name,C", [("mae_vit_tiny_patch16", 3), ("chamae_vit_tiny_patch16", 4)])
-def test_masked_mse_equals_model_loss(name, C):
-    """Without norm_pix_loss the pixel-weighted mean of the per-channel MSEs is the model's loss (same mask)."""
-    model = tiny(name, in_chans=C, img_size=32).eval()
-    imgs = torch.randn(3, C, 32, 32)
+def test_masked_mse_equals_model_loss(name, C, norm_pix_loss):
+    """The pixel-weighted mean of the per-channel MSEs is the model's loss (same mask): the MSE is measured in the
+    loss's target space, per-patch normalised under norm_pix_loss."""
+    model = tiny(name, in_chans=C, img_size=32, norm_pix_loss=norm_pix_loss).eval()
+    imgs = torch.randn(3, C, 32, 32) * 3 + 1
     result = reconstruct(model, imgs, mask_ratio=0.75, seed=5)
     torch.manual_seed(5)
     loss, _, mask = model(imgs, mask_ratio=0.75)
@@ -108,6 +113,31 @@ def test_norm_pix_predictions_are_unnormalised(monkeypatch):
     result = reconstruct(model, imgs, mask_ratio=0.5)
     assert torch.allclose(result["recon"], imgs, atol=1e-4)
     assert result["channel_mse"].max() < 1e-8
+
+
+@pytest.mark.parametrize("name,C", [("mae_vit_tiny_patch16", 3), ("chamae_vit_tiny_patch16", 2)])
+def test_norm_pix_mse_does_not_use_the_hidden_patches_statistics(name, C):
+    """Stretching the contrast of the hidden patches leaves the normalised targets, hence the MSE, as they were;
+    the picture's reconstruction (drawn with the true patch mean and std) follows the stretched patches."""
+    model = tiny(name, in_chans=C, img_size=32, norm_pix_loss=True).eval()
+    imgs = torch.randn(2, C, 32, 32)
+    result = reconstruct(model, imgs, mask_ratio=0.75, seed=1)
+    masked = result["masked"]
+    stretched = torch.where(masked, 10.0 * imgs + 5.0, imgs)
+    again = reconstruct(model, stretched, mask_ratio=0.75, seed=1)
+    assert torch.equal(again["masked"], masked)
+    assert torch.allclose(again["mse"], result["mse"], rtol=1e-4)
+    assert torch.allclose(again["recon"][masked], 10.0 * result["recon"][masked] + 5.0, rtol=1e-4, atol=1e-3)
+
+
+def test_norm_pix_grid_says_what_it_shows():
+    plain = reconstruct(tiny(in_chans=2, img_size=32), torch.randn(2, 2, 32, 32))
+    norm_pix = reconstruct(tiny(in_chans=2, img_size=32, norm_pix_loss=True), torch.randn(2, 2, 32, 32))
+    tile = 32 * auto_scale(32)
+    assert render_grid(plain).shape == (*layout_size(2, 2, tile), 3)
+    height, width = layout_size(2, 2, tile)
+    assert render_grid(norm_pix).shape == (height + len(NORM_PIX_NOTE) * NOTE_LINE_H, width, 3)
+    assert render_grid(norm_pix, labels=False).shape == (*layout_size(2, 2, tile, labels=False), 3)
 
 
 def test_cross_decoder_marks_unpredicted_pixels():
@@ -174,7 +204,7 @@ def test_visualize_cli_trained_differs_from_untrained(tmp_path, one_thread, caps
         results[name] = (png, np.mean(mse))
     assert not np.array_equal(results["untrained"][0], results["trained"][0])
     assert results["trained"][1] < 0.9 * results["untrained"][1]
-    assert "masked MSE per channel" in capsys.readouterr().out
+    assert "masked MSE per channel (normalised pixels):" in capsys.readouterr().out
 
 
 def test_visualize_published_format_needs_model_name(tmp_path):

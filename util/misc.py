@@ -284,14 +284,15 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class LossTracker:
-    """Accumulates per-step losses on the device without host synchronisation.
+    """Accumulates per-step losses and gradient norms on the device without host synchronisation.
 
     ``update`` adds the loss to a running sum and records the first step whose loss is not finite, all as
-    device-side tensor ops. ``flush`` (called at logging steps, the last step of an epoch included) reads them
-    back with one transfer, reduces them over processes and raises ``NonFiniteLossError`` naming the epoch and
-    the first bad step. Training is therefore stopped at the next logging step after a NaN/inf appears; the
-    parameters may be corrupted by then, but no checkpoint is written after it, so ``checkpoint-last.pth`` holds
-    the last good state.
+    device-side tensor ops; likewise the gradient norm of each optimizer step (``NativeScaler``'s return value),
+    of which only finite ones count (an fp16 step that the scaler skips has an infinite norm). ``flush`` (called
+    at logging steps, the last step of an epoch included) reads them back with one transfer, reduces them over
+    processes and raises ``NonFiniteLossError`` naming the epoch and the first bad step. Training is therefore
+    stopped at the next logging step after a NaN/inf appears; the parameters may be corrupted by then, but no
+    checkpoint is written after it, so ``checkpoint-last.pth`` holds the last good state.
     """
 
     def __init__(self, device: torch.device, epoch: int):
@@ -300,19 +301,29 @@ class LossTracker:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         self.count = 0
+        self.grad_norm_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.grad_norm_count = torch.zeros((), dtype=torch.float64, device=device)
 
-    def update(self, loss: torch.Tensor, step: int):
+    def update(self, loss: torch.Tensor, step: int, grad_norm: torch.Tensor | None = None):
+        """Add the loss of ``step`` and, on optimizer steps, its gradient norm (None on accumulation steps)."""
         loss = loss.detach().to(torch.float64)
         finite = torch.isfinite(loss)
         self.loss_sum += torch.where(finite, loss, 0.0)
         self.first_bad = torch.where((self.first_bad < 0) & ~finite, step, self.first_bad)
         self.count += 1
+        if grad_norm is not None:
+            grad_norm = grad_norm.detach().to(torch.float64)
+            finite = torch.isfinite(grad_norm)
+            self.grad_norm_sum += torch.where(finite, grad_norm, 0.0)
+            self.grad_norm_count += finite
 
-    def flush(self) -> tuple[float, int]:
-        """Return (mean loss since the last flush over all processes, number of steps) and reset."""
+    def flush(self) -> dict[str, tuple[float, int]]:
+        """Return the meter updates since the last flush and reset: ``{'loss': (mean over all processes, steps)}``,
+        plus ``'grad_norm': (mean, optimizer steps)`` when a step with a finite gradient norm was among them."""
         never = torch.iinfo(torch.int64).max
         bad = torch.where(self.first_bad < 0, never, self.first_bad)
-        stats = torch.stack([self.loss_sum, torch.tensor(float(self.count), dtype=torch.float64, device=self.device)])
+        count = torch.tensor(float(self.count), dtype=torch.float64, device=self.device)
+        stats = torch.stack([self.loss_sum, count, self.grad_norm_sum, self.grad_norm_count])
         if is_dist_avail_and_initialized():
             stats, bad = stats.to(reduction_device()), bad.to(reduction_device())
             dist.all_reduce(stats)
@@ -323,11 +334,15 @@ class LossTracker:
                 f"Loss is not finite at epoch {self.epoch}, step {bad_step}; stopping training. "
                 "The last checkpoint written before this epoch is left as it was."
             )
-        loss_sum, count = stats.tolist()
-        n = self.count
+        loss_sum, count, grad_norm_sum, grad_norm_count = stats.tolist()
+        meters = {"loss": (loss_sum / count, self.count)}
+        if grad_norm_count:  # every process steps together, so each holds 1 / world size of the count
+            meters["grad_norm"] = (grad_norm_sum / grad_norm_count, round(grad_norm_count / get_world_size()))
         self.loss_sum.zero_()
+        self.grad_norm_sum.zero_()
+        self.grad_norm_count.zero_()
         self.count = 0
-        return loss_sum / count, n
+        return meters
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -460,22 +475,22 @@ def stop_if_requested(epoch: int, step: int, tracker: LossTracker, metric_logger
     if not signum:
         return
     if tracker.count:
-        loss_value, n = tracker.flush()
-        metric_logger.update(loss=(loss_value, n))
+        metric_logger.update(**tracker.flush())
     meters = {name: [meter.total, meter.count] for name, meter in metric_logger.meters.items()}
     raise TrainingStopped(signum, epoch, step + 1, meters, batch_size)
 
 
 def log_train_step(step, num_steps, epoch, lr, tracker, metric_logger, log_writer, print_freq):
-    """In an engine, after ``step``: at logging steps move the tracked losses to the host, into the meters and
-    TensorBoard (``train_loss`` and ``lr`` at x = 1000 x fractional epoch)."""
+    """In an engine, after ``step``: at logging steps move the tracked losses and gradient norms to the host, into
+    the meters and TensorBoard (``train_loss``, ``train_grad_norm`` and ``lr`` at x = 1000 x fractional epoch)."""
     if not is_log_step(step, num_steps, print_freq):
         return
-    loss_value, n = tracker.flush()
-    metric_logger.update(loss=(loss_value, n), lr=lr)
+    meters = tracker.flush()
+    metric_logger.update(**meters, lr=lr)
     if log_writer is not None:
         epoch_1000x = int((epoch + (step + 1) / num_steps) * 1000)
-        log_writer.add_scalar("train_loss", loss_value, epoch_1000x)
+        for name, (value, _) in meters.items():
+            log_writer.add_scalar(f"train_{name}", value, epoch_1000x)
         log_writer.add_scalar("lr", lr, epoch_1000x)
 
 

@@ -5,6 +5,11 @@ reconstruction with the visible patches pasted back. Every row is contrast-stret
 (1st-99th percentile) and the same mapping applies to all four panels. Optionally one extra row per sample shows
 three channels as an RGB composite. Masked pixels (and pixels a cross-attention decoder did not predict) are
 drawn in ``MASK_RGB``.
+
+The masked MSE is measured where the loss measures it, against ``model.loss_target``: normalised pixels, or under
+``norm_pix_loss`` patches normalised by their own mean and variance. A norm-pix model predicts no patch mean or
+variance, so its pixels exist only with the hidden patch's true ones: the picture draws it so (and says so in a
+note), but no error is computed from those pixels.
 """
 
 import math
@@ -27,6 +32,13 @@ BACKGROUND_RGB = (16, 16, 16)
 PERCENTILES = (1.0, 99.0)
 MIN_TILE = 64
 """Tiles of images smaller than this are enlarged by an integer factor (nearest neighbour)."""
+NOTE_LINE_H = 12
+NORM_PIX_NOTE = (
+    "* norm-pix prediction, drawn with each",
+    "  hidden patch's true mean and std",
+    "  mse: per-patch normalised (the loss's)",
+)
+"""Footer of the grid of a norm_pix_loss model: what its reconstruction panels and MSE labels show."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,7 @@ class GridLayout:
     sample_gap: int = 6
     label_w: int = 60
     header_h: int = 14
+    footer_h: int = 0
 
     @property
     def left(self):
@@ -57,7 +70,8 @@ class GridLayout:
 
     @property
     def height(self):
-        return self.top + self.samples * self.rows * (self.tile_h + self.gap) + (self.samples - 1) * self.sample_gap
+        rows_h = self.samples * self.rows * (self.tile_h + self.gap) + (self.samples - 1) * self.sample_gap
+        return self.top + rows_h + self.footer_h
 
     def origin(self, sample, row, panel):
         """(x, y) of the top-left pixel of a tile."""
@@ -95,6 +109,23 @@ def token_to_pixel_mask(model, token_mask, C):
     return m.expand(N, C, h * p, w * p)
 
 
+def target_space_error(model, imgs, pred):
+    """Squared error of pred against the loss's target, each element at its pixel: (N, C, H, W) float32.
+
+    imgs: (N, C, H, W); pred: (N, T, P). The mean over the masked pixels is the loss over the masked tokens; a
+    channel's pixels hold the loss's errors on that channel (for MAE under norm_pix_loss, on targets normalised
+    by statistics of the whole patch, all channels together).
+    """
+    return model.unpatchify((pred.float() - model.loss_target(imgs)) ** 2)
+
+
+def mse_space(model):
+    """Words for the space of the masked MSE (see target_space_error)."""
+    if model.norm_pix_loss:
+        return "patches normalised by their own mean and variance, the --norm_pix_loss target"
+    return "normalised pixels"
+
+
 @torch.no_grad()
 def reconstruct(model, imgs, channel_ids=None, mask_ratio=0.75, seed=0):
     """Mask, encode and decode a batch with a fixed random mask, outside the caller's RNG stream.
@@ -102,11 +133,12 @@ def reconstruct(model, imgs, channel_ids=None, mask_ratio=0.75, seed=0):
     model: MAE or ChannelMAE (DDP / torch.compile wrappers are unwrapped: only the bare module runs, so no
     collective is called); imgs: (N, C, H, W) as the model takes them; channel_ids: None, (C,) or (N, C). Runs
     without autograd, in eval mode and float32; restores the training flag and all RNG states (see seeded_rng).
-    Returns a dict of CPU tensors: 'original', 'recon' (N, C, H, W) (predictions un-normalised with the target
-    patch mean/var under norm_pix_loss), 'masked' (bool, N, C, H, W: pixels hidden from the encoder),
-    'predicted' (bool, N, C, H, W: pixels with a prediction), 'pasted' (recon where masked, else the original),
-    'mse' (N, C: mean squared error over each sample's masked pixels of each channel, NaN where none is
-    masked) and 'channel_mse' (C,: the same over the whole batch).
+    Returns a dict of CPU tensors: 'original', 'recon' (N, C, H, W) (for the picture only: under norm_pix_loss
+    the predicted normalised patches rescaled with each target patch's true mean and std), 'masked' (bool, N, C,
+    H, W: pixels hidden from the encoder), 'predicted' (bool, N, C, H, W: pixels with a prediction), 'pasted'
+    (recon where masked, else the original), 'mse' (N, C: mean squared error in the loss's target space over
+    each sample's masked pixels of each channel, NaN where none is masked; see target_space_error) and
+    'channel_mse' (C,: the same over the whole batch); and 'norm_pix' (bool: the model's norm_pix_loss).
     """
     model = unwrap_model(model)
     was_training = model.training
@@ -120,14 +152,15 @@ def reconstruct(model, imgs, channel_ids=None, mask_ratio=0.75, seed=0):
     finally:
         model.train(was_training)
     pred = pred.float()
-    if model.norm_pix_loss:
+    drawn = pred
+    if model.norm_pix_loss:  # for the picture only: rescaled with each hidden patch's own mean and std
         target = model.patchify(imgs)
-        pred = pred * (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
-    recon = model.unpatchify(pred)
+        drawn = pred * (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+    recon = model.unpatchify(drawn)
     masked = token_to_pixel_mask(model, mask, C)
     # the full decoder predicts every token; the cross decoder only the masked ones (all of them: decode ratio 1)
     predicted = token_to_pixel_mask(model, decoded, C) if model.decoder == "cross" else torch.ones_like(masked)
-    sq_err = (recon - imgs) ** 2 * masked
+    sq_err = target_space_error(model, imgs, pred) * masked
     count = masked.sum(dim=(2, 3)).float()
     mse = sq_err.sum(dim=(2, 3)) / count
     channel_mse = sq_err.sum(dim=(0, 2, 3)) / count.sum(dim=0)
@@ -140,7 +173,7 @@ def reconstruct(model, imgs, channel_ids=None, mask_ratio=0.75, seed=0):
         mse=mse,
         channel_mse=channel_mse,
     )
-    return {k: v.detach().cpu() for k, v in out.items()}
+    return {**{k: v.detach().cpu() for k, v in out.items()}, "norm_pix": model.norm_pix_loss}
 
 
 def stretch_limits(x):
@@ -198,15 +231,17 @@ def render_grid(result, channel_names=None, rgb=None, labels=True, scale=None):
     """Draw the panels of `reconstruct` into one uint8 (height, width, 3) image (see GridLayout).
 
     channel_names: C strings for the row labels (default 'ch<i>'). With labels, a header names the panels and
-    each row is labelled with its channel and that sample's masked MSE. scale: integer tile enlargement
-    (default: auto_scale).
+    each row is labelled with its channel and that sample's masked MSE; for a norm_pix_loss model the
+    reconstruction titles carry a '*' and a footer (NORM_PIX_NOTE) says what they show. scale: integer tile
+    enlargement (default: auto_scale).
     """
     tiles = panel_images(result, rgb)
     N, rows, _, H, W, _ = tiles.shape
     scale = scale or auto_scale(H)
     if scale > 1:
         tiles = tiles.repeat(scale, axis=3).repeat(scale, axis=4)
-    layout = GridLayout(N, rows, H * scale, W * scale, labels=labels)
+    note = NORM_PIX_NOTE if labels and result["norm_pix"] else ()
+    layout = GridLayout(N, rows, H * scale, W * scale, labels=labels, footer_h=len(note) * NOTE_LINE_H)
     canvas = np.empty((layout.height, layout.width, 3), np.uint8)
     canvas[:] = BACKGROUND_RGB
     for n in range(N):
@@ -222,7 +257,11 @@ def render_grid(result, channel_names=None, rgb=None, labels=True, scale=None):
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
     for k, title in enumerate(PANELS):
+        title = title.replace("recon", "recon*") if note else title
         draw.text((layout.origin(0, 0, k)[0], 1), title, fill=LABEL_RGB, font=font)
+    for k, line in enumerate(note):
+        y = layout.height - layout.footer_h + k * NOTE_LINE_H
+        draw.text((layout.gap, y), fit_text(line, font, layout.width - layout.gap), fill=LABEL_RGB, font=font)
     for n in range(N):
         for r in range(rows):
             y = layout.origin(n, r, 0)[1]
@@ -247,7 +286,7 @@ def reconstruction_grid(
     """Reconstruct a batch and draw it: -> (uint8 (height, width, 3) array, per-channel masked MSE list of C floats).
 
     imgs: (N, C, H, W) normalised as the model takes them; rgb: 'auto' (a composite row for C == 3), None or three
-    channel indices. The MSE is in the normalised input space, over the masked pixels of the batch.
+    channel indices. The MSE is over the masked pixels of the batch, in the loss's target space (mse_space).
     """
     result = reconstruct(model, imgs, channel_ids, mask_ratio, seed)
     rgb = default_rgb(imgs.shape[1]) if rgb == "auto" else rgb
