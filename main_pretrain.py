@@ -32,13 +32,15 @@ def get_args_parser():
     g.add_argument(
         "--model_kwargs", default=[], nargs="*", metavar="KEY=VALUE", help="other model overrides, e.g. depth=2"
     )
-    g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of tokens masked")
+    g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of tokens masked, in (0, 1)")
     g.add_argument("--mask_mode", default="independent", choices=models_chamae.MASK_MODES, help="ChannelMAE masking")
     g.add_argument("--hcs", action="store_true", help="hierarchical channel sampling (ChannelMAE)")
     g.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised pixels as targets")
     parser.set_defaults(norm_pix_loss=False)
     g.add_argument("--decoder", default="full", choices=["full", "cross"], help="MAE decoder or cross-attention")
-    g.add_argument("--decode_ratio", default=1.0, type=float, help="fraction of masked tokens decoded (cross)")
+    g.add_argument(
+        "--decode_ratio", default=1.0, type=float, help="fraction of masked tokens decoded (--decoder cross only)"
+    )
 
     g = parser.add_argument_group("reconstruction images")
     g.add_argument(
@@ -64,6 +66,32 @@ def get_args_parser():
     return parser
 
 
+def check_flags(args):
+    """Refuse flags that the run would ignore or only half apply: ``misc.RunError`` before any data are read."""
+    if args.decoder == "full" and args.decode_ratio != 1.0:
+        raise misc.RunError(
+            f"--decode_ratio {args.decode_ratio} needs --decoder cross; the full decoder decodes every masked token"
+        )
+    if not 0.0 < args.mask_ratio < 1.0:
+        hidden = " and --mask_mode channel hides no channel" if args.mask_mode == "channel" else ""
+        raise misc.RunError(
+            f"--mask_ratio {args.mask_ratio} must be > 0 and < 1: 0 masks no token{hidden}, so nothing is "
+            "reconstructed; 1 leaves no token visible"
+        )
+    channel_flags = [f"--mask_mode {args.mask_mode}"] if args.mask_mode != "independent" else []
+    channel_flags += ["--hcs"] if args.hcs else []
+    if channel_flags and args.model.startswith("mae_"):
+        raise misc.RunError(f"{' and '.join(channel_flags)} need a chamae_* model; {args.model} masks whole patches")
+
+
+def check_channels(args, dataset):
+    """``--mask_mode channel`` hides whole channels: with one channel it would silently mask tokens instead."""
+    if args.mask_mode == "channel" and dataset.in_chans < 2:
+        raise misc.RunError(
+            f"--mask_mode channel needs at least 2 channels; the data have {dataset.in_chans} ({args.data_path})"
+        )
+
+
 def build_model(args, dataset):
     """The pretraining model for ``args.model`` sized for the dataset's channels."""
     kwargs = dict(
@@ -83,11 +111,13 @@ def build_model(args, dataset):
 
 
 def main(args):
+    check_flags(args)
     device = misc.setup_run(args)
 
     dataset_train = build_pretrain_dataset(args)
     print(misc.describe_dataset("train", dataset_train))
     args.normalization = normalization_record(dataset_train)  # saved with the checkpoints, for fine-tuning
+    check_channels(args, dataset_train)
     channel_ids = torch.as_tensor(dataset_train.channel_ids, dtype=torch.long, device=device)
     data_loader_train = misc.build_train_loader(dataset_train, args)
     log_writer = misc.open_log_writer(args)

@@ -59,7 +59,8 @@ class ChannelMaskedAutoencoderViT(MaskedAutoencoderViT):
     num_channels: how many distinct channels exist (size of the channel embedding tables); an input may hold
     any subset of them, in any order, named by `channel_ids`. mask_mode: 'independent' (any token),
     'spatial' (the same positions in every channel) or 'channel' (whole channels hidden, at least one, at most
-    C - 1, plus a random token mask on the others). hcs: hierarchical channel sampling during training.
+    C - 1, plus a random token mask on the others). In every mode mask_ratio 0 hides nothing, so
+    `forward_encoder(imgs, 0.0)` encodes every token. hcs: hierarchical channel sampling during training.
     """
 
     def __init__(self, in_chans=3, num_channels=None, mask_mode="independent", hcs=False, **kwargs):
@@ -120,7 +121,7 @@ class ChannelMaskedAutoencoderViT(MaskedAutoencoderViT):
         if self.mask_mode == "spatial":
             noise = torch.rand(N, 1, L, device=device).expand(N, C, L).reshape(N, T)
             return noise, C * int(L * (1 - mask_ratio))
-        if self.mask_mode == "channel" and C > 1:
+        if self.mask_mode == "channel" and C > 1 and mask_ratio > 0:
             num_hidden = min(max(int(C * mask_ratio), 1), C - 1)
             hidden = torch.rand(N, C, device=device).argsort(dim=1) < num_hidden
             noise = torch.rand(N, C, L, device=device) + hidden.unsqueeze(-1)

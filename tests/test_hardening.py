@@ -736,3 +736,38 @@ def test_pretrained_encoder_of_another_family_or_depth_is_refused():
     deeper = models_mae.create_model("mae_vit_tiny_patch16", in_chans=1, depth=2, **shape)
     with pytest.raises(misc.CheckpointMismatchError, match=r"deeper.pth does not fit[\s\S]*unexpected keys"):
         main_finetune.load_pretrained(vit, deeper.state_dict(), "deeper.pth")
+
+
+# ----------------------------------------------------------------------------------------- flags that would be ignored
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--decode_ratio", "0.5"],
+            "--decode_ratio 0.5 needs --decoder cross; the full decoder decodes every masked token",
+        ),
+        (
+            ["--mask_mode", "channel", "--mask_ratio", "0"],
+            "--mask_ratio 0.0 must be > 0 and < 1: 0 masks no token and --mask_mode channel hides no channel, so "
+            "nothing is reconstructed; 1 leaves no token visible",
+        ),
+        (
+            ["--model", "mae_vit_tiny_patch16", "--mask_mode", "spatial", "--hcs"],
+            "--mask_mode spatial and --hcs need a chamae_* model; mae_vit_tiny_patch16 masks whole patches",
+        ),
+    ],
+    ids=["decode_ratio", "channel_mask_ratio_0", "mae_channel_flags"],
+)
+def test_ignored_pretrain_flags_are_errors_before_data_are_read(flags, message, tmp_path, cli):
+    code, out = cli("main_pretrain.py", "--data_path", tmp_path / "absent", "--output_dir", tmp_path / "out", *flags)
+    assert code == f"ERROR: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_channel_masking_of_one_channel_is_an_error(digits, tmp_path, cli):
+    flags = ["--data_path", digits, "--output_dir", tmp_path / "out", "--mask_mode", "channel", *TINY_MAE]
+    code, out = cli("main_pretrain.py", *flags)
+    assert code == f"ERROR: --mask_mode channel needs at least 2 channels; the data have 1 ({digits})"
+    assert "Model = " not in out

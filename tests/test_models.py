@@ -106,6 +106,14 @@ def test_channel_mode_hides_whole_channels(C, mask_ratio):
     assert torch.equal((1 - mask).sum(dim=1), torch.full((6,), float(int(C * 16 * (1 - mask_ratio)))))
 
 
+@pytest.mark.parametrize("mask_mode", models_chamae.MASK_MODES)
+def test_mask_ratio_zero_hides_nothing_in_every_mode(mask_mode):
+    """mask_ratio 0 encodes every token, as extract_features asks; 'channel' used to hide a whole channel anyway."""
+    model = chamae(in_chans=3, mask_mode=mask_mode)
+    latent, mask, ids_restore = model.forward_encoder(torch.randn(2, 3, 32, 32), 0.0)
+    assert latent.shape == (2, 1 + 3 * 16, 32) and not mask.any() and ids_restore.shape == (2, 3 * 16)
+
+
 def test_chamae_permuted_channels_give_same_loss():
     model = chamae(in_chans=5, num_channels=8, mask_mode="spatial").eval()
     imgs = torch.randn(2, 5, 32, 32)
