@@ -92,6 +92,13 @@ def check_channels(args, dataset):
         )
 
 
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups by the official MAE rule: no weight decay for 1-D parameters and biases, decay for every
+    other trainable parameter, cls_token, mask_token and the channel embeddings included (frozen sin-cos
+    position embeddings are left out)."""
+    return timm.optim.param_groups_weight_decay(model, weight_decay)
+
+
 def build_model(args, dataset):
     """The pretraining model for ``args.model`` sized for the dataset's channels."""
     kwargs = dict(
@@ -135,10 +142,7 @@ def main(args):
 
     misc.scale_lr(args)
 
-    param_groups = timm.optim.param_groups_weight_decay(
-        model_without_ddp, args.weight_decay, no_weight_decay_list=model_without_ddp.no_weight_decay()
-    )
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(param_groups(model_without_ddp, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     loss_scaler = misc.NativeScaler(device, args.amp)
     print(f"AMP: {args.amp}; {misc.describe_optimizer(optimizer)}")
 

@@ -80,10 +80,6 @@ class ChannelMaskedAutoencoderViT(MaskedAutoencoderViT):
         """One token covers one image plane."""
         return 1
 
-    @torch.jit.ignore
-    def no_weight_decay(self):
-        return super().no_weight_decay() | {"channel_embed", "decoder_channel_embed"}
-
     def patchify(self, imgs):
         """imgs: (N, C, H, W) -> (N, C*L, p*p), channel-major."""
         N, C, H, W = imgs.shape

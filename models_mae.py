@@ -146,10 +146,6 @@ class MaskedAutoencoderViT(nn.Module):
             nn.init.zeros_(m.bias)
 
     @torch.jit.ignore
-    def no_weight_decay(self):
-        return {"cls_token", "mask_token", "pos_embed", "decoder_pos_embed"}
-
-    @torch.jit.ignore
     def set_grad_checkpointing(self, enable=True):
         self.grad_checkpointing = enable
 

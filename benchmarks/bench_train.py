@@ -271,7 +271,8 @@ class TrainingStep:
         self.imgs = torch.randn(N, C, H, H, device=device)
         self.labels = torch.randint(0, cfg["num_classes"], (N,), device=device)
         self.channel_ids = torch.arange(C, device=device) if channel_model else None
-        groups = timm.optim.param_groups_weight_decay(self.model, 0.05, self.model.no_weight_decay())
+        no_decay = () if self.pretrain else self.model.no_weight_decay()  # the rules of main_pretrain / main_finetune
+        groups = timm.optim.param_groups_weight_decay(self.model, 0.05, no_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95))
         self.amp_dtype = torch.float16 if cfg["amp"] == "fp16" else torch.bfloat16
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")

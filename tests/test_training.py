@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+import main_pretrain
+import models_chamae
 import models_mae
 import util.misc as misc
 
@@ -142,6 +144,28 @@ def test_finetune_eval_linprobe(pretrained, digits, tmp_path):
     for key in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "norm.weight", "channel_embed"):
         assert torch.equal(probe[key], encoder[key]), f"{key} changed although the encoder is frozen"
     assert "head.0.running_mean" in probe and "head.0.weight" not in probe  # BatchNorm without affine
+
+
+@pytest.mark.parametrize("name", sorted([*models_mae.MODELS, *models_chamae.MODELS]))
+def test_pretrain_weight_decay_follows_official_mae(name):
+    """main_pretrain's AdamW groups follow the official recipe (timm's old ``add_weight_decay`` with no skip list):
+    no decay for 1-D parameters and biases, decay for every other trainable one, cls_token and mask_token (and
+    ChannelMAE's channel embeddings) included; the frozen sin-cos tables are not optimised at all."""
+    tiny = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    model = models_chamae.create_model(name, img_size=32, patch_size=8, in_chans=3, **tiny)
+    decay_of = {id(p): g["weight_decay"] for g in main_pretrain.param_groups(model, 0.05) for p in g["params"]}
+    for param_name, param in model.named_parameters():
+        if not param.requires_grad:
+            expected = None
+        elif param.ndim == 1 or param_name.endswith(".bias"):
+            expected = 0.0
+        else:
+            expected = 0.05
+        assert decay_of.get(id(param)) == expected, param_name
+    decayed = {param_name for param_name, param in model.named_parameters() if decay_of.get(id(param))}
+    extra = {"channel_embed", "decoder_channel_embed"} if name.startswith("chamae_") else set()
+    assert {"cls_token", "mask_token", *extra} <= decayed
+    assert id(model.pos_embed) not in decay_of and id(model.decoder_pos_embed) not in decay_of
 
 
 @pytest.mark.parametrize("script", ["main_pretrain.py", "main_finetune.py"])
