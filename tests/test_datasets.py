@@ -1,5 +1,6 @@
 """Data layer: readers, layouts, channel selection, statistics, normalisation, transforms, errors, sample data."""
 
+import argparse
 import importlib
 import json
 import logging
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 import models_chamae
+import util.misc as misc
 from util import datasets
 from util.checkpoint_io import inherit_data_args
 from util.datasets import (
@@ -365,6 +367,25 @@ def test_normalisation_policy(tmp_path, caplog):
     assert normalize_of(from_file).mean == [3, 1] and normalize_of(from_file).std == [6, 4]
     flags = build_pretrain_dataset(args(tmp_path, mean="7,8,9", std="1,1,1"))
     assert normalize_of(flags).mean == [7, 8, 9]
+
+
+def test_mean_std_order_with_reordered_channels(tmp_path):
+    """--mean/--std hold file order when --channels reorders every channel and --channels order for a subset,
+    as --help says; each plane is normalised with its own channel's values (constant planes 0, 100, 300)."""
+    planes = np.stack([np.full((16, 16), v, dtype=np.uint16) for v in (0, 100, 300)])
+    for i in range(2):
+        tifffile.imwrite(tmp_path / f"s{i}.tif", planes, photometric="minisblack")
+    reordered = build_pretrain_dataset(args(tmp_path, channels="2,0,1", mean=[0, 100, 300], std=[1, 2, 3]))
+    assert (normalize_of(reordered).mean, normalize_of(reordered).std) == ([300, 0, 100], [3, 1, 2])
+    subset = build_pretrain_dataset(args(tmp_path, channels="2,0", mean=[300, 0], std=[3, 1]))
+    assert (normalize_of(subset).mean, normalize_of(subset).std) == ([300, 0], [3, 1])
+    for ds in (reordered, subset):
+        torch.testing.assert_close(ds[0][0], torch.zeros(ds.in_chans, 16, 16), atol=1e-4, rtol=0)
+    helps = [a.help for a in misc.add_common_args(argparse.ArgumentParser())._actions if a.dest in ("mean", "std")]
+    assert len(helps) == 2
+    for text in helps:
+        assert "in file order also when --channels reorders them" in text
+        assert "one per --channels id, in --channels order, when --channels picks fewer channels" in text
 
 
 def test_imagenet_default_and_timm_rgb_path(tmp_path):

@@ -25,7 +25,8 @@ Dataset layouts (``--data_path``)
     ``--channels 0,2,4`` keeps those channel ids, in that order, at read time (CSV: column order).
 
 Normalisation, per channel and in raw pixel units; the first that applies wins
-    1. ``--mean`` and ``--std`` (one value per channel in the files, or per selected channel);
+    1. ``--mean`` and ``--std``: one value per channel in the files, in file order (also when ``--channels``
+       reorders all of them), or one per ``--channels`` id, in ``--channels`` order, for a subset;
     2. ``--channel_stats FILE``;
     3. ``channel_stats.json`` in the data root (the CSV's folder for a CSV path), written by
        ``python -m util.datasets stats --data_path ROOT --out ROOT/channel_stats.json``;

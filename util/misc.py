@@ -1009,8 +1009,12 @@ def add_common_args(parser: argparse.ArgumentParser):
     g.add_argument("--input_size", default=224, type=int, help="image size (square)")
     g.add_argument("--in_chans", default=None, type=int, help="number of input channels (default: from the data)")
     g.add_argument("--channels", default=None, type=str, help="channel ids to read, e.g. '0,2,4' (default: all)")
-    g.add_argument("--mean", default=None, nargs="+", action=FloatListAction, help="per-channel mean (raw units)")
-    g.add_argument("--std", default=None, nargs="+", action=FloatListAction, help="per-channel std (raw units)")
+    order = (
+        "in raw units: one value per channel of the files, in file order also when --channels reorders them, or "
+        "one per --channels id, in --channels order, when --channels picks fewer channels"
+    )
+    g.add_argument("--mean", default=None, nargs="+", action=FloatListAction, help=f"per-channel mean {order}")
+    g.add_argument("--std", default=None, nargs="+", action=FloatListAction, help=f"per-channel std {order}")
     g.add_argument("--channel_stats", default=None, type=str, help="JSON with per-channel mean/std")
     g.add_argument(
         "--scale",
