@@ -1,10 +1,15 @@
 """Linear probing: a frozen pretrained encoder, a trainable BatchNorm (no affine) + linear head, LARS.
 
 As in MAE's linear-probing recipe: the class token is used by default (``--global_pool`` to average the patch
-tokens), base lr 0.1 scaled by effective batch / 256, no weight decay, no mixup, label smoothing or erasing.
+tokens), no weight decay, no mixup, label smoothing or erasing. ``--blr`` scales by effective batch / 256 as in
+MAE; without ``--blr``/``--lr`` the lr is the recipe's 6.4 (blr 0.1 at its effective batch of 16384) at any batch:
+LARS moves a weight matrix by lr x 1e-3 of its norm per step, whatever the gradient's size, so the recipe's
+per-step update is kept, where MAE's scaling would shrink it by 16384 / batch (512-fold at a batch of 32) and
+leave the head of a small-data probe at its random initialisation.
 """
 
 import argparse
+import math
 
 import torch
 from timm.layers import trunc_normal_
@@ -25,6 +30,8 @@ from util.lars import LARS
 
 LINPROBE_DEFAULTS = {**DEFAULTS, "global_pool": False}
 """main_finetune's defaults, with the class token."""
+RECIPE_LR = 0.1 * 16384 / 256
+"""MAE's linear-probing lr: ``--blr 0.1`` at its effective batch of 16384."""
 
 
 def get_args_parser():
@@ -48,11 +55,11 @@ def get_args_parser():
     g.add_argument("--lr", default=None, type=float, metavar="LR", help="absolute lr (default: blr * eff_batch / 256)")
     g.add_argument(
         "--blr",
-        default=0.1,
+        default=None,
         type=float,
         metavar="LR",
-        help="base lr for an effective batch of 256; MAE's 0.1 assumes a batch of 16384: LARS steps scale with the "
-        "weight norm, so small batches need a much larger value (e.g. 25-50 at batch 64)",
+        help=f"base lr for an effective batch of 256 (MAE's recipe: 0.1 at a batch of 16384); default: lr "
+        f"{RECIPE_LR:g}, the recipe's, at any batch (LARS steps are relative to the weight norm)",
     )
     g.add_argument("--min_lr", default=0.0, type=float, metavar="LR", help="lr floor of the cosine schedule")
     g.add_argument("--warmup_epochs", default=2, type=int, metavar="N")
@@ -69,10 +76,43 @@ def get_args_parser():
     return parser
 
 
+def head_travel(optimizer: LARS, steps: int, lr: float | None = None) -> float:
+    """About how far ``steps`` LARS steps of the warmup + cosine schedule peaking at ``lr`` (default: the
+    optimizer's) can move the head's weight matrix, in units of its norm: at most lr x trust coefficient /
+    (1 - momentum) of it per step, at a mean lr of half the peak."""
+    group = optimizer.param_groups[0]
+    lr = group["lr"] if lr is None else lr
+    return lr * group["trust_coefficient"] * steps / (2 * (1 - group["momentum"]))
+
+
+def warn_if_head_stays(optimizer: LARS, epochs: int, steps_per_epoch: int, eff_batch_size: int):
+    """Print a warning with the lr or the epochs to use when LARS cannot move the head far from its random
+    initialisation (``head_travel`` below 1)."""
+    steps = epochs * steps_per_epoch
+    travel = head_travel(optimizer, steps)
+    if travel >= 1:
+        return
+    travel_at_recipe_lr = head_travel(optimizer, steps, RECIPE_LR)
+    if travel_at_recipe_lr >= 1:
+        advice = f"leave --lr/--blr out for lr {RECIPE_LR:g} (--blr {RECIPE_LR * 256 / eff_batch_size:.3g} here)"
+    else:
+        needed = math.ceil(epochs / travel_at_recipe_lr)
+        advice = f"at lr {RECIPE_LR:g} (no --lr/--blr) it needs --epochs {needed} or more"
+    print(
+        f"WARNING: lr {optimizer.param_groups[0]['lr']:.3g} for {steps} LARS steps moves the head by at most about "
+        f"{travel:.2g} x its norm, so it stays near its random initialisation; {advice}"
+    )
+
+
 def main(args):
     checkpoints = resolve_checkpoint_flags(args, LINPROBE_DEFAULTS)
     device = misc.setup_run(args)
     print("\n".join(checkpoints.sources))
+    if args.hcs:
+        print(
+            "WARNING: --hcs in linear probing: ChannelViT's authors advise against it; train the probe on all "
+            "channels and evaluate channel subsets with --eval --channels"
+        )
     data = build_data(args, device, checkpoints.stats)
 
     model = build_model(args, data[0], checkpoints.reference, global_pool=args.global_pool)
@@ -89,8 +129,13 @@ def main(args):
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"Model = {args.model}, {n_parameters} trainable parameters (the head)")
 
-    misc.scale_lr(args)
+    if args.lr is None and args.blr is None:
+        args.lr = RECIPE_LR
+        print(f"lr {RECIPE_LR:g} (no --blr/--lr): MAE's linear-probing lr at its batch of 16384, at any batch")
+    eff_batch_size = misc.scale_lr(args)
     optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if not args.eval:
+        warn_if_head_stays(optimizer, args.epochs, len(data[1]) // args.accum_iter, eff_batch_size)
     loss_scaler = misc.NativeScaler(device, args.amp)
     criterion = torch.nn.CrossEntropyLoss()
     print(f"AMP: {args.amp}; {misc.describe_optimizer(optimizer)}")

@@ -20,13 +20,14 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def digits_subset(tmp_path_factory):
-    """A function ``(train, val) -> path``: a class-balanced copy of sample_data/digits holding the first
-    ``train`` train and ``val`` val images of every class, with its channel_stats.json."""
+    """A function ``(train, val, num_classes=10) -> path``: a class-balanced copy of sample_data/digits holding
+    the first ``train`` train and ``val`` val images of each of the first ``num_classes`` classes, with its
+    channel_stats.json."""
 
-    def make(train: int, val: int):
+    def make(train: int, val: int, num_classes: int = 10):
         dst = tmp_path_factory.mktemp("digits")
         for split, count in (("train", train), ("val", val)):
-            for label in sorted(os.listdir(os.path.join(DIGITS, split))):
+            for label in sorted(os.listdir(os.path.join(DIGITS, split)))[:num_classes]:
                 os.makedirs(dst / split / label)
                 for name in sorted(os.listdir(os.path.join(DIGITS, split, label)))[:count]:
                     shutil.copy(os.path.join(DIGITS, split, label, name), dst / split / label / name)

@@ -168,6 +168,33 @@ def test_pretrain_weight_decay_follows_official_mae(name):
     assert id(model.pos_embed) not in decay_of and id(model.decoder_pos_embed) not in decay_of
 
 
+def test_linprobe_default_lr_moves_the_head_at_a_small_batch(digits_subset, tmp_path):
+    """Issue 12's case: two balanced classes (digits 0 and 1, 70 train / 30 val each), batch 32, 40 epochs, a random
+    encoder. MAE's --blr 0.1 gives lr 0.0125 there: LARS moves the head by about 1e-3 x lr of its norm per step, so
+    it stays at its random initialisation, and the run says so with the value to use. The default (lr 6.4, the
+    recipe's, at any batch) learns the problem."""
+    data = str(digits_subset(70, 30, num_classes=2))
+    flags = ["--data_path", data, "--epochs", "40", "--scale", "0.5", "1", "--hflip", "0", *TINY_VIT]
+    flags[flags.index("--batch_size") + 1] = "32"
+    proc = run("main_linprobe.py", *flags, "--blr", "0.1", "--hcs", "--output_dir", str(tmp_path / "recipe"))
+    assert "actual lr: 1.25e-02" in proc.stdout
+    assert (
+        "WARNING: lr 0.0125 for 160 LARS steps moves the head by at most about 0.01 x its norm, so it stays near "
+        "its random initialisation; leave --lr/--blr out for lr 6.4 (--blr 51.2 here)"
+    ) in proc.stdout
+    assert "WARNING: --hcs in linear probing: ChannelViT's authors advise against it" in proc.stdout
+    short = run("main_linprobe.py", *flags, "--epochs", "1", "--output_dir", "")
+    assert "moves the head by at most about 0.13 x its norm" in short.stdout
+    assert "at lr 6.4 (no --lr/--blr) it needs --epochs 8 or more" in short.stdout
+
+    proc = run("main_linprobe.py", *flags, "--output_dir", str(tmp_path / "default"))
+    assert "actual lr: 6.40e+00" in proc.stdout and "WARNING" not in proc.stdout
+    recipe, default = read_log(tmp_path / "recipe"), read_log(tmp_path / "default")
+    assert recipe[-1]["train_loss"] > 0.9 * recipe[0]["train_loss"]  # measured 0.701 -> 0.693, 56.7% accuracy
+    assert default[-1]["train_loss"] < 0.8 * default[0]["train_loss"]  # measured 0.713 -> 0.364, 93.3% accuracy
+    assert default[-1]["test_acc1"] >= 80.0, f"{recipe[-1]['test_acc1']}% -> {default[-1]['test_acc1']}%"
+
+
 @pytest.mark.parametrize("script", ["main_pretrain.py", "main_finetune.py"])
 def test_resume_is_exact(script, digits, tmp_path):
     """4 epochs in one go vs. a new process resuming from the checkpoint of epoch 2: identical epochs 3-4."""
