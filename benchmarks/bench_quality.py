@@ -272,7 +272,6 @@ def write_initial_checkpoint(argv, path):
 
 def load_pretrain_model(ckpt, device):
     model, info = model_from_checkpoint(str(ckpt))
-    model.mask_mode = "independent"  # mask ratio 0 keeps every token only in this mode (k-NN features)
     return model.to(device).eval(), info
 
 
