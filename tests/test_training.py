@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import models_mae
-import util.misc as misc
+from util.output_dir import LOCK_FILENAME
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENCODER = ["--input_size", "32", "--patch_size", "8", "--num_workers", "0"]
@@ -211,7 +211,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert "Traceback" not in proc.stderr
     assert sha256(output_dir / "checkpoint-last.pth") == before
     assert sorted(os.listdir(output_dir)) == sorted(
-        ["checkpoint-0.pth", "checkpoint-last.pth", "log.txt", misc.LOCK_FILENAME]
+        ["checkpoint-0.pth", "checkpoint-last.pth", "log.txt", LOCK_FILENAME]
         + [n for n in os.listdir(output_dir) if n.startswith("events.out")]
     )
     assert torch.load(output_dir / "checkpoint-last.pth", weights_only=True)["epoch"] == 0

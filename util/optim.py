@@ -1,0 +1,13 @@
+"""Optimiser helpers: the learning rate from the base lr and the effective batch size."""
+
+from util.distributed import get_world_size
+
+
+def scale_lr(args) -> int:
+    """Set ``args.lr = args.blr * eff_batch / 256`` unless ``--lr`` was given; return the effective batch size."""
+    eff_batch_size = args.batch_size * args.accum_iter * get_world_size()
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    print(f"base lr: {args.lr * 256 / eff_batch_size:.2e}, actual lr: {args.lr:.2e}")
+    print(f"accumulate grad iterations: {args.accum_iter}, effective batch size: {eff_batch_size}")
+    return eff_batch_size
