@@ -1,9 +1,35 @@
-"""One epoch of supervised fine-tuning / linear probing, and evaluation (top-1/top-5 accuracy, loss)."""
+"""Supervised fine-tuning / linear probing: the data, one epoch, evaluation (top-1/top-5 accuracy, loss) and the
+training loop shared by main_finetune and main_linprobe."""
+
+import json
+import time
 
 import torch
 
 import util.lr_sched as lr_sched
-import util.misc as misc
+from util.amp import NativeScaler, autocast, maybe_no_sync
+from util.checkpoint import load_model, save_model, save_stopped
+from util.cli import describe_dataset, end_training
+from util.datasets import build_dataset, normalization_record
+from util.distributed import cleanup_distributed, is_dist_avail_and_initialized, reduction_device
+from util.loaders import build_eval_loader, build_train_loader, set_loader_epoch
+from util.metric_log import (
+    LossTracker,
+    MetricLogger,
+    SmoothedValue,
+    log_train_step,
+    open_log_writer,
+    skip_stats,
+    write_log,
+)
+from util.preemption import (
+    TrainingStopped,
+    install_stop_handlers,
+    restore_meters,
+    resume_progress,
+    stop_after_epoch,
+    stop_if_requested,
+)
 
 
 def train_one_epoch(
@@ -13,7 +39,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     epoch: int,
-    loss_scaler: misc.NativeScaler,
+    loss_scaler: NativeScaler,
     max_norm: float | None = None,
     mixup_fn=None,
     log_writer=None,
@@ -25,20 +51,20 @@ def train_one_epoch(
 
     Batches are (imgs (N, C, H, W), labels (N,)); ``mixup_fn`` turns labels into soft targets (N, num_classes).
     ``channel_ids`` (C,) names the input planes. The criterion runs on float32 logits. Losses and gradient norms
-    (before clipping) stay on the device between logging steps (``misc.LossTracker``); a NaN/inf loss raises
-    ``misc.NonFiniteLossError``.
-    ``progress`` (of a checkpoint saved mid-epoch, ``misc.resume_progress``) continues the epoch at its step; a
-    stop signal (``misc.install_stop_handlers``) raises ``misc.TrainingStopped`` after an optimizer step.
+    (before clipping) stay on the device between logging steps (``LossTracker``); a NaN/inf loss raises
+    ``NonFiniteLossError``.
+    ``progress`` (of a checkpoint saved mid-epoch, ``resume_progress``) continues the epoch at its step; a
+    stop signal (``install_stop_handlers``) raises ``TrainingStopped`` after an optimizer step.
     """
     model.train(True)
-    metric_logger = misc.MetricLogger(delimiter="  ")
-    metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     header = f"Epoch: [{epoch}]"
     print_freq = args.print_freq
     accum_iter = args.accum_iter
-    start_step = misc.restore_meters(metric_logger, progress)
+    start_step = restore_meters(metric_logger, progress)
     num_steps = start_step + len(data_loader)
-    tracker = misc.LossTracker(device, epoch)
+    tracker = LossTracker(device, epoch)
     lr = optimizer.param_groups[0]["lr"]
 
     optimizer.zero_grad(set_to_none=True)
@@ -50,8 +76,8 @@ def train_one_epoch(
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
         update = (step + 1) % accum_iter == 0
-        with misc.maybe_no_sync(model, not update):
-            with misc.autocast(device, args.amp):
+        with maybe_no_sync(model, not update):
+            with autocast(device, args.amp):
                 outputs = model(samples, channel_ids=channel_ids)
             loss = criterion(outputs.float(), targets)  # softmax and means in float32 whatever the autocast dtype
             grad_norm = loss_scaler(
@@ -61,9 +87,9 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
         tracker.update(loss, step, grad_norm)
 
-        misc.log_train_step(step, num_steps, epoch, lr, tracker, metric_logger, log_writer, print_freq)
+        log_train_step(step, num_steps, epoch, lr, tracker, metric_logger, log_writer, print_freq)
         if update and step + 1 < num_steps:  # a stop at the last step is handled once the epoch is saved
-            misc.stop_if_requested(epoch, step, tracker, metric_logger, data_loader.batch_size)
+            stop_if_requested(epoch, step, tracker, metric_logger, data_loader.batch_size)
 
     print("Averaged stats:", metric_logger)
     return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
@@ -78,7 +104,7 @@ def evaluate(data_loader, model, device, args=None, channel_ids=None) -> dict:
     """
     model.eval()
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
-    metric_logger = misc.MetricLogger(delimiter="  ")
+    metric_logger = MetricLogger(delimiter="  ")
     amp = args.amp if args is not None else "none"
     print_freq = args.print_freq if args is not None else 20
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct@1, correct@5
@@ -87,7 +113,7 @@ def evaluate(data_loader, model, device, args=None, channel_ids=None) -> dict:
     for images, targets in metric_logger.log_every(data_loader, print_freq, "Test:"):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        with misc.autocast(device, amp):
+        with autocast(device, amp):
             output = model(images, channel_ids=channel_ids)
         output = output.float()
         num_classes = output.shape[1]
@@ -95,8 +121,8 @@ def evaluate(data_loader, model, device, args=None, channel_ids=None) -> dict:
         sums += torch.stack([criterion(output, targets), hits[:, 0].sum(), hits.any(dim=1).sum()]).double()
         count += len(targets)
     totals = torch.cat([sums.cpu(), torch.tensor([float(count)], dtype=torch.float64)])
-    if getattr(args, "dist_eval", False) and misc.is_dist_avail_and_initialized():
-        totals = totals.to(misc.reduction_device())
+    if getattr(args, "dist_eval", False) and is_dist_avail_and_initialized():
+        totals = totals.to(reduction_device())
         torch.distributed.all_reduce(totals)
     loss_sum, correct1, correct5, count = totals.tolist()
     count = max(count, 1.0)
@@ -106,3 +132,100 @@ def evaluate(data_loader, model, device, args=None, channel_ids=None) -> dict:
     top5 = f" Acc@5 {stats['acc5']:.3f}" if "acc5" in stats else ""
     print(f"* Acc@1 {stats['acc1']:.3f}{top5} loss {stats['loss']:.3f}")
     return stats
+
+
+def log_eval(test_stats: dict):
+    print(f"Accuracy of the network on the {test_stats['n']} test images: {test_stats['acc1']:.2f}%")
+
+
+def build_data(args, device, checkpoint_stats: dict | None = None):
+    """(train dataset, train loader (None under --eval), val loader, channel ids (C,)); sets ``args.nb_classes``
+    when not given and ``args.normalization`` (saved with the checkpoints). checkpoint_stats: the checkpoint's
+    recorded normalisation."""
+    dataset_train = build_dataset(True, args, checkpoint_stats)
+    dataset_val = build_dataset(False, args, checkpoint_stats)
+    print(describe_dataset("train", dataset_train))
+    print(describe_dataset("val", dataset_val))
+    args.normalization = normalization_record(dataset_train)
+    if args.nb_classes is None:
+        args.nb_classes = dataset_train.nb_classes
+    channel_ids = torch.as_tensor(dataset_train.channel_ids, dtype=torch.long, device=device)
+    loader_train = None if args.eval else build_train_loader(dataset_train, args)
+    loader_val = build_eval_loader(dataset_val, args)
+    return dataset_train, loader_train, loader_val, channel_ids
+
+
+def fit(args, model, model_without_ddp, eval_model, criterion, optimizer, loss_scaler, data, device, mixup_fn=None):
+    """Resume if asked, then evaluate once (``--eval``) or train, evaluating and checkpointing every epoch.
+
+    ``model`` is the training module (maybe DDP / compiled), ``eval_model`` the same weights without DDP;
+    ``data`` is ``build_data``'s result. Keeps ``checkpoint-best.pth`` for the best top-1 accuracy. Returns the
+    last test stats.
+    """
+    _, data_loader_train, data_loader_val, channel_ids = data
+    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    checkpoint = load_model(args, model_without_ddp, optimizer, loss_scaler)
+    max_accuracy = checkpoint.get("max_accuracy", 0.0) if checkpoint and not args.eval else 0.0
+    progress = resume_progress(checkpoint, args)
+
+    if args.eval:
+        test_stats = evaluate(data_loader_val, eval_model, device, args, channel_ids)
+        log_eval(test_stats)
+        print(json.dumps({f"test_{k}": v for k, v in test_stats.items()}))
+        cleanup_distributed()
+        return test_stats
+
+    log_writer = open_log_writer(args)
+    install_stop_handlers()
+    print(f"Start training for {args.epochs} epochs")
+    test_stats = {}
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        set_loader_epoch(data_loader_train, epoch, args, progress)
+        try:
+            train_stats = train_one_epoch(
+                model,
+                criterion,
+                data_loader_train,
+                optimizer,
+                device,
+                epoch,
+                loss_scaler,
+                args.clip_grad,
+                mixup_fn,
+                log_writer=log_writer,
+                args=args,
+                channel_ids=channel_ids,
+                progress=progress,
+            )
+        except TrainingStopped as stop:  # SIGTERM / SIGUSR1: save mid-epoch, then exit (run_main)
+            extra = {"max_accuracy": max_accuracy}
+            save_stopped(stop, args, epoch, model_without_ddp, optimizer, loss_scaler, log_writer, extra)
+            raise
+        progress = None
+        test_stats = evaluate(data_loader_val, eval_model, device, args, channel_ids)
+        log_eval(test_stats)
+        improved = test_stats["acc1"] > max_accuracy
+        max_accuracy = max(max_accuracy, test_stats["acc1"])
+        print(f"Max accuracy: {max_accuracy:.2f}%")
+        extra = {"max_accuracy": max_accuracy, "test_acc1": test_stats["acc1"]}
+        path = save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra)
+        if improved:
+            save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra, tag="best")
+
+        if log_writer is not None:
+            for key in ("acc1", "acc5", "loss"):
+                if key in test_stats:
+                    log_writer.add_scalar(f"test_{key}", test_stats[key], epoch)
+        log_stats = {
+            **{f"train_{k}": v for k, v in train_stats.items()},
+            **{f"test_{k}": v for k, v in test_stats.items()},
+            "epoch": epoch,
+            "n_parameters": n_parameters,
+            **skip_stats(data[0]),
+        }
+        write_log(args, log_stats, log_writer)
+        stop_after_epoch(args, epoch, path)
+
+    end_training(start_time, log_writer)
+    return test_stats

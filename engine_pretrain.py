@@ -3,7 +3,9 @@
 import torch
 
 import util.lr_sched as lr_sched
-import util.misc as misc
+from util.amp import NativeScaler, autocast, maybe_no_sync
+from util.metric_log import LossTracker, MetricLogger, SmoothedValue, log_train_step
+from util.preemption import restore_meters, stop_if_requested
 
 
 def train_one_epoch(
@@ -12,7 +14,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     epoch: int,
-    loss_scaler: misc.NativeScaler,
+    loss_scaler: NativeScaler,
     log_writer=None,
     args=None,
     channel_ids: torch.Tensor | None = None,
@@ -22,20 +24,20 @@ def train_one_epoch(
 
     Batches are (imgs (N, C, H, W), labels); labels are ignored. ``channel_ids`` (C,) names the input planes. The
     lr follows ``util.lr_sched`` per iteration (updated every ``args.accum_iter`` steps). Losses and gradient norms
-    (before clipping) stay on the device between logging steps (see ``misc.LossTracker``); a NaN/inf loss raises
-    ``misc.NonFiniteLossError``.
-    ``progress`` (of a checkpoint saved mid-epoch, ``misc.resume_progress``) continues the epoch at its step; a
-    stop signal (``misc.install_stop_handlers``) raises ``misc.TrainingStopped`` after an optimizer step.
+    (before clipping) stay on the device between logging steps (see ``LossTracker``); a NaN/inf loss raises
+    ``NonFiniteLossError``.
+    ``progress`` (of a checkpoint saved mid-epoch, ``resume_progress``) continues the epoch at its step; a
+    stop signal (``install_stop_handlers``) raises ``TrainingStopped`` after an optimizer step.
     """
     model.train(True)
-    metric_logger = misc.MetricLogger(delimiter="  ")
-    metric_logger.add_meter("lr", misc.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     header = f"Epoch: [{epoch}]"
     print_freq = args.print_freq
     accum_iter = args.accum_iter
-    start_step = misc.restore_meters(metric_logger, progress)
+    start_step = restore_meters(metric_logger, progress)
     num_steps = start_step + len(data_loader)
-    tracker = misc.LossTracker(device, epoch)
+    tracker = LossTracker(device, epoch)
     lr = optimizer.param_groups[0]["lr"]
 
     optimizer.zero_grad(set_to_none=True)
@@ -44,8 +46,8 @@ def train_one_epoch(
             lr = lr_sched.adjust_learning_rate(optimizer, epoch + step / num_steps, args)
         samples = samples.to(device, non_blocking=True)
         update = (step + 1) % accum_iter == 0
-        with misc.maybe_no_sync(model, not update):
-            with misc.autocast(device, args.amp):
+        with maybe_no_sync(model, not update):
+            with autocast(device, args.amp):
                 loss, _, _ = model(samples, mask_ratio=args.mask_ratio, channel_ids=channel_ids)
             grad_norm = loss_scaler(
                 loss / accum_iter,
@@ -58,9 +60,9 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
         tracker.update(loss, step, grad_norm)
 
-        misc.log_train_step(step, num_steps, epoch, lr, tracker, metric_logger, log_writer, print_freq)
+        log_train_step(step, num_steps, epoch, lr, tracker, metric_logger, log_writer, print_freq)
         if update and step + 1 < num_steps:  # a stop at the last step is handled once the epoch is saved
-            misc.stop_if_requested(epoch, step, tracker, metric_logger, data_loader.batch_size)
+            stop_if_requested(epoch, step, tracker, metric_logger, data_loader.batch_size)
 
     stats = {name: meter.global_avg for name, meter in metric_logger.meters.items()}
     print("Averaged stats:", metric_logger)

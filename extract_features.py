@@ -22,7 +22,6 @@ processed exactly once (strided shards, no padding duplicates).
 
 import argparse
 import os
-import re
 import shutil
 import time
 
@@ -30,12 +29,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import util.misc as misc
-from util.checkpoint_io import SPLITS, eval_dataset, inherit_data_args, model_from_checkpoint
+from models_checkpoint import model_from_checkpoint
+from util.amp import AMP_DTYPES, autocast
+from util.checkpoint_io import SPLITS, eval_dataset, inherit_data_args
+from util.cli import add_distributed_args, add_reading_args, parse_model_kwargs, run_main
 from util.datasets import DatasetError
+from util.distributed import (
+    cleanup_distributed,
+    default_device,
+    get_rank,
+    get_world_size,
+    init_distributed_mode,
+    is_dist_avail_and_initialized,
+    is_main_process,
+)
+from util.errors import RunError
+from util.features import encode, group_means, is_channel_model, knn_accuracy, merge_shards, open_array
+from util.loaders import ShardSampler
 
 POOLS = ("mean", "cls")
-CHUNK_ROWS = 4096
 
 
 def get_args_parser():
@@ -56,8 +68,8 @@ def get_args_parser():
     g.add_argument("--model_kwargs", default=[], nargs="*", metavar="KEY=VALUE", help="e.g. num_heads=2")
     g.add_argument("--input_size", default=None, type=int, help="default: the checkpoint's")
     g.add_argument("--unsafe_load", action="store_true", help="full unpickling (trusted files only)")
-    g.add_argument("--device", default=misc.default_device())
-    g.add_argument("--amp", default="none", choices=sorted(misc.AMP_DTYPES), help="autocast dtype")
+    g.add_argument("--device", default=default_device())
+    g.add_argument("--amp", default="none", choices=sorted(AMP_DTYPES), help="autocast dtype")
     g.add_argument("--num_workers", default=min(8, os.cpu_count() or 1), type=int)
     g = parser.add_argument_group("data (default: the checkpoint's flags)")
     g.add_argument("--data_path", default=None)
@@ -71,79 +83,25 @@ def get_args_parser():
     g.add_argument("--mean", default=None, type=float, nargs="+")
     g.add_argument("--std", default=None, type=float, nargs="+")
     g.add_argument("--channel_stats", default=None)
-    misc.add_reading_args(g)
+    add_reading_args(g)
     g.add_argument(
         "--skip_bad_samples",
         action="store_true",
         help="leave out files found unreadable when the dataset is built (a later decode failure is still an error: "
         "a replacement sample would not match its row's path)",
     )
-    g = parser.add_argument_group("distributed (torchrun / Slurm environment)")
-    g.add_argument("--dist_url", default="env://")
-    g.add_argument("--dist_on_itp", action="store_true")
-    g.add_argument("--world_size", default=1, type=int)
-    g.add_argument("--local_rank", "--local-rank", default=-1, type=int)
+    add_distributed_args(parser)
     return parser
-
-
-def is_channel_model(model):
-    return hasattr(model, "channel_embed")
-
-
-@torch.no_grad()
-def encode(model, imgs, channel_ids, pool):
-    """imgs (N, C, H, W) -> (pooled (N, D), per-channel means (N, C, D) or None), float32.
-
-    Pretraining models run `forward_encoder` with nothing masked (tokens come back shuffled and are put back in
-    order with ids_restore); classifiers run `forward_features`, and apply `fc_norm` to token means when they
-    were trained with global pooling. The class token is taken as the encoder gives it.
-    """
-    N, C = imgs.shape[:2]
-    if hasattr(model, "forward_encoder"):
-        latent, _, ids_restore = model.forward_encoder(imgs, 0.0, channel_ids)
-        cls, tokens = latent[:, 0], latent[:, 1:]
-        tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        post = torch.nn.Identity()
-    else:
-        x = model.forward_features(imgs, channel_ids) if is_channel_model(model) else model.forward_features(imgs)
-        cls, tokens = x[:, 0], x[:, model.num_prefix_tokens :]
-        post = model.fc_norm
-    pooled = cls if pool == "cls" else post(tokens.mean(dim=1))
-    per_channel = None
-    if is_channel_model(model):
-        per_channel = post(tokens.reshape(N, C, -1, tokens.shape[-1]).mean(dim=2)).float()
-    return pooled.float(), per_channel
 
 
 def sample_path(files):
     return files if isinstance(files, str) else "|".join(files)
 
 
-def open_array(path, shape):
-    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
-
-
-def merge_shards(parts, name, shape, world_size):
-    """Interleave the per-rank arrays parts/rank<r>.<name>.npy (rows r, r + W, ...) into parts/<name>.npy."""
-    final = open_array(os.path.join(parts, f"{name}.npy"), shape)
-    for rank in range(world_size):
-        path = os.path.join(parts, f"rank{rank}.{name}.npy")
-        if not os.path.exists(path):
-            continue
-        shard = np.load(path, mmap_mode="r")
-        for k0 in range(0, len(shard), CHUNK_ROWS):
-            k1 = min(k0 + CHUNK_ROWS, len(shard))
-            final[rank + k0 * world_size : rank + (k1 - 1) * world_size + 1 : world_size] = shard[k0:k1]
-        del shard
-        os.remove(path)
-    final.flush()
-    return final
-
-
 def extract(model, dataset, channel_ids, args, device, parts):
     """Write this rank's rows (indices rank, rank + W, ...) of features / channel_features into parts/."""
-    rank, world_size = misc.get_rank(), misc.get_world_size()
-    sampler = misc.ShardSampler(dataset, world_size, rank)
+    rank, world_size = get_rank(), get_world_size()
+    sampler = ShardSampler(dataset, world_size, rank)
     n = len(sampler)
     if n == 0:
         return
@@ -163,7 +121,7 @@ def extract(model, dataset, channel_ids, args, device, parts):
     start, row = time.time(), 0
     for step, (imgs, _) in enumerate(loader):
         imgs = imgs.to(device, non_blocking=True)
-        with misc.autocast(device, args.amp):
+        with autocast(device, args.amp):
             pooled, channels = encode(model, imgs, channel_ids, args.pool)
         features[row : row + len(imgs)] = pooled.cpu().numpy()
         if per_channel is not None:
@@ -174,79 +132,6 @@ def extract(model, dataset, channel_ids, args, device, parts):
     features.flush()
     if per_channel is not None:
         per_channel.flush()
-
-
-def knn_classify(train_features, train_labels, query_features, num_classes, k=20, t=0.07, chunk=CHUNK_ROWS):
-    """Weighted k-NN on cosine similarity (as in DINO): vote weight exp(similarity / t) per neighbour.
-
-    train_features (M, D) and query_features (Q, D): arrays (memory maps welcome; read in chunks);
-    train_labels (M,) ints in [0, num_classes). Returns the class scores (Q, num_classes) as a float64 array.
-    """
-    labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
-    k = min(k, len(labels))
-    scores = np.zeros((len(query_features), num_classes))
-    for q0 in range(0, len(query_features), chunk):
-        query = torch.nn.functional.normalize(torch.as_tensor(np.asarray(query_features[q0 : q0 + chunk])), dim=1)
-        best_sim = torch.full((len(query), 0), -2.0)
-        best_label = torch.zeros((len(query), 0), dtype=torch.long)
-        for m0 in range(0, len(labels), chunk):
-            memory = torch.nn.functional.normalize(torch.as_tensor(np.asarray(train_features[m0 : m0 + chunk])), dim=1)
-            sim = torch.cat([best_sim, query @ memory.T], dim=1)
-            label = torch.cat([best_label, labels[m0 : m0 + chunk].expand(len(query), -1)], dim=1)
-            best_sim, index = sim.topk(min(k, sim.shape[1]), dim=1)
-            best_label = torch.gather(label, 1, index)
-        votes = torch.zeros(len(query), num_classes, dtype=torch.float64)
-        votes.scatter_add_(1, best_label, (best_sim.double() / t).exp())
-        scores[q0 : q0 + len(query)] = votes.numpy()
-    return scores
-
-
-def knn_accuracy(features, labels, is_train, is_query, num_classes, k, t):
-    """k-NN with the labelled train rows as memory and the labelled query rows as queries.
-
-    Returns (top-1 %, top-5 %, query row indices (Q,), predicted classes (Q,)).
-    """
-    train_rows = np.flatnonzero(is_train & (labels >= 0))
-    query_rows = np.flatnonzero(is_query & (labels >= 0))
-    if len(train_rows) == 0 or len(query_rows) == 0:
-        raise ValueError("k-NN needs labelled train and val samples")
-    train_features = RowView(features, train_rows)
-    scores = knn_classify(train_features, labels[train_rows], RowView(features, query_rows), num_classes, k, t)
-    ranked = np.argsort(-scores, axis=1, kind="stable")
-    target = labels[query_rows][:, None]
-    top1 = float((ranked[:, :1] == target).any(axis=1).mean() * 100)
-    top5 = float((ranked[:, :5] == target).any(axis=1).mean() * 100)
-    return top1, top5, query_rows, ranked[:, 0]
-
-
-class RowView:
-    """Rows `rows` of a (memory-mapped) array, sliced lazily: view[a:b] reads only those rows."""
-
-    def __init__(self, array, rows):
-        self.array, self.rows = array, rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        return self.array[self.rows[index]]
-
-
-def group_means(features, paths, regex):
-    """Mean feature per group named by `regex` on each path: (names (G,), means (G, D), counts (G,))."""
-    pattern = re.compile(regex)
-    keys = []
-    for path in paths:
-        match = pattern.search(path)
-        if match is None:
-            raise ValueError(f"--group_regex {regex!r} does not match {path}")
-        keys.append(match.group(1) if pattern.groups else match.group(0))
-    names, inverse = np.unique(np.asarray(keys), return_inverse=True)
-    sums = np.zeros((len(names), features.shape[1]))
-    for r0 in range(0, len(features), CHUNK_ROWS):
-        np.add.at(sums, inverse[r0 : r0 + CHUNK_ROWS], np.asarray(features[r0 : r0 + CHUNK_ROWS], dtype=np.float64))
-    counts = np.bincount(inverse, minlength=len(names))
-    return names, (sums / counts[:, None]).astype(np.float32), counts
 
 
 def write_npz(path, arrays):
@@ -260,10 +145,10 @@ def write_npz(path, arrays):
 def main(args):
     split = args.split or ("trainval" if args.knn_k else "pretrain")
     if args.knn_k and split != "trainval":
-        raise misc.RunError("--knn_k needs --split trainval (train split as memory, val split as queries)")
-    misc.init_distributed_mode(args)
+        raise RunError("--knn_k needs --split trainval (train split as memory, val split as queries)")
+    init_distributed_mode(args)
     device = torch.device(args.device)
-    overrides = misc.parse_model_kwargs(args.model_kwargs)
+    overrides = parse_model_kwargs(args.model_kwargs)
     model, info = model_from_checkpoint(
         args.resume, model=args.model, input_size=args.input_size, unsafe=args.unsafe_load, **overrides
     )
@@ -279,19 +164,19 @@ def main(args):
     print(f"{info['name']} ({info['kind']}, {args.resume}): {len(dataset)} samples, channels {channel_ids.tolist()}")
 
     parts = args.out + ".parts"
-    if misc.is_main_process():
+    if is_main_process():
         shutil.rmtree(parts, ignore_errors=True)
         os.makedirs(parts)
-    if misc.is_dist_avail_and_initialized():
+    if is_dist_avail_and_initialized():
         dist.barrier()
     extract(model, dataset, channel_ids, args, device, parts)
-    if misc.is_dist_avail_and_initialized():
+    if is_dist_avail_and_initialized():
         dist.barrier()
-    if not misc.is_main_process():
-        misc.cleanup_distributed()
+    if not is_main_process():
+        cleanup_distributed()
         return None
 
-    N, D, C, W = len(dataset), model.cls_token.shape[-1], len(channel_ids), misc.get_world_size()
+    N, D, C, W = len(dataset), model.cls_token.shape[-1], len(channel_ids), get_world_size()
     names = ["features", "channel_features"] if is_channel_model(model) else ["features"]
     shapes = {"features": (N, D), "channel_features": (N, C, D)}
     if W > 1:
@@ -336,9 +221,9 @@ def main(args):
     del arrays
     shutil.rmtree(parts, ignore_errors=True)
     print(f"wrote {args.out}: features {N}x{D}" + (f", channel_features {N}x{C}x{D}" if C and len(names) > 1 else ""))
-    misc.cleanup_distributed()
+    cleanup_distributed()
     return args.out
 
 
 if __name__ == "__main__":
-    misc.run_main(main, get_args_parser().parse_args(), errors=(DatasetError,))
+    run_main(main, get_args_parser().parse_args(), errors=(DatasetError,))

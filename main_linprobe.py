@@ -14,22 +14,18 @@ import math
 import torch
 from timm.layers import trunc_normal_
 
-import util.misc as misc
-from main_finetune import (
-    CHECKPOINT_EPILOG,
-    DEFAULTS,
-    add_model_args,
-    build_data,
-    build_model,
-    fit,
-    load_pretrained,
-    resolve_checkpoint_flags,
-)
+from engine_finetune import build_data, fit
+from models_checkpoint import build_classifier, load_pretrained
+from models_flags import CHECKPOINT_EPILOG, DEFAULTS, add_model_args, resolve_checkpoint_flags
+from util.amp import NativeScaler
+from util.cli import add_common_args, describe_optimizer, run_main, setup_run
 from util.datasets import DatasetError
+from util.distributed import wrap_model
 from util.lars import LARS
+from util.optim import scale_lr
 
 LINPROBE_DEFAULTS = {**DEFAULTS, "global_pool": False}
-"""main_finetune's defaults, with the class token."""
+"""The defaults of main_finetune (``models_flags.DEFAULTS``), with the class token."""
 RECIPE_LR = 0.1 * 16384 / 256
 """MAE's linear-probing lr: ``--blr 0.1`` at its effective batch of 16384."""
 
@@ -69,9 +65,9 @@ def get_args_parser():
     g.add_argument("--eval", action="store_true", help="only evaluate --resume and exit")
     g.add_argument("--dist_eval", action="store_true", help="distributed evaluation (each process a shard)")
 
-    misc.add_common_args(parser)
+    add_common_args(parser)
     # plain RandomResizedCrop + flip for training: none of fine-tuning's RandAugment / erasing / mixup
-    # data_path, input_size: LINPROBE_DEFAULTS after the checkpoint's (main_finetune.CHECKPOINT_EPILOG)
+    # data_path, input_size: LINPROBE_DEFAULTS after the checkpoint's (models_flags.CHECKPOINT_EPILOG)
     parser.set_defaults(data_path=None, input_size=None, aa=None, color_jitter=None, reprob=0.0)
     return parser
 
@@ -106,7 +102,7 @@ def warn_if_head_stays(optimizer: LARS, epochs: int, steps_per_epoch: int, eff_b
 
 def main(args):
     checkpoints = resolve_checkpoint_flags(args, LINPROBE_DEFAULTS)
-    device = misc.setup_run(args)
+    device = setup_run(args)
     print("\n".join(checkpoints.sources))
     if args.hcs:
         print(
@@ -115,7 +111,7 @@ def main(args):
         )
     data = build_data(args, device, checkpoints.stats)
 
-    model = build_model(args, data[0], checkpoints.reference, global_pool=args.global_pool)
+    model = build_classifier(args, data[0], checkpoints.reference, global_pool=args.global_pool)
     if checkpoints.pretrained is not None:
         load_pretrained(model, checkpoints.pretrained, args.finetune)
     trunc_normal_(model.head.weight, std=0.01)
@@ -132,15 +128,15 @@ def main(args):
     if args.lr is None and args.blr is None:
         args.lr = RECIPE_LR
         print(f"lr {RECIPE_LR:g} (no --blr/--lr): MAE's linear-probing lr at its batch of 16384, at any batch")
-    eff_batch_size = misc.scale_lr(args)
+    eff_batch_size = scale_lr(args)
     optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     if not args.eval:
         warn_if_head_stays(optimizer, args.epochs, len(data[1]) // args.accum_iter, eff_batch_size)
-    loss_scaler = misc.NativeScaler(device, args.amp)
+    loss_scaler = NativeScaler(device, args.amp)
     criterion = torch.nn.CrossEntropyLoss()
-    print(f"AMP: {args.amp}; {misc.describe_optimizer(optimizer)}")
+    print(f"AMP: {args.amp}; {describe_optimizer(optimizer)}")
 
-    model, eval_model = misc.wrap_model(model, args, device)
+    model, eval_model = wrap_model(model, args, device)
     return fit(args, model, model_without_ddp, eval_model, criterion, optimizer, loss_scaler, data, device)
 
 
@@ -148,4 +144,4 @@ if __name__ == "__main__":
     parser = get_args_parser()
     parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
     args = parser.parse_args()
-    misc.run_main(main, args, errors=(DatasetError,))
+    run_main(main, args, errors=(DatasetError,))

@@ -8,14 +8,29 @@ import argparse
 import os
 import time
 
-import timm.optim
 import torch
 
 import models_chamae
-import util.misc as misc
 import util.vis as vis
 from engine_pretrain import train_one_epoch
+from models_checkpoint import build_pretrain_model
+from util.amp import NativeScaler
+from util.checkpoint import load_model, save_model, save_stopped
+from util.cli import (
+    add_common_args,
+    describe_dataset,
+    describe_optimizer,
+    end_training,
+    run_main,
+    setup_run,
+)
 from util.datasets import DatasetError, build_pretrain_dataset, normalization_record
+from util.distributed import is_main_process, wrap_model
+from util.errors import RunError
+from util.loaders import build_train_loader, set_loader_epoch
+from util.metric_log import open_log_writer, skip_stats, write_log
+from util.optim import pretrain_param_groups, scale_lr
+from util.preemption import TrainingStopped, install_stop_handlers, resume_progress, stop_after_epoch
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,78 +76,53 @@ def get_args_parser():
     g.add_argument("--warmup_epochs", default=2, type=int, metavar="N")
     g.add_argument("--clip_grad", default=None, type=float, metavar="NORM", help="clip the gradient norm")
 
-    misc.add_common_args(parser)
+    add_common_args(parser)
     parser.set_defaults(data_path=os.path.join(REPO_DIR, "sample_data", "ihc"), input_size=64)
     return parser
 
 
 def check_flags(args):
-    """Refuse flags that the run would ignore or only half apply: ``misc.RunError`` before any data are read."""
+    """Refuse flags that the run would ignore or only half apply: ``RunError`` before any data are read."""
     if args.decoder == "full" and args.decode_ratio != 1.0:
-        raise misc.RunError(
+        raise RunError(
             f"--decode_ratio {args.decode_ratio} needs --decoder cross; the full decoder decodes every masked token"
         )
     if not 0.0 < args.mask_ratio < 1.0:
         hidden = " and --mask_mode channel hides no channel" if args.mask_mode == "channel" else ""
-        raise misc.RunError(
+        raise RunError(
             f"--mask_ratio {args.mask_ratio} must be > 0 and < 1: 0 masks no token{hidden}, so nothing is "
             "reconstructed; 1 leaves no token visible"
         )
     channel_flags = [f"--mask_mode {args.mask_mode}"] if args.mask_mode != "independent" else []
     channel_flags += ["--hcs"] if args.hcs else []
     if channel_flags and args.model.startswith("mae_"):
-        raise misc.RunError(f"{' and '.join(channel_flags)} need a chamae_* model; {args.model} masks whole patches")
+        raise RunError(f"{' and '.join(channel_flags)} need a chamae_* model; {args.model} masks whole patches")
 
 
 def check_channels(args, dataset):
     """``--mask_mode channel`` hides whole channels: with one channel it would silently mask tokens instead."""
     if args.mask_mode == "channel" and dataset.in_chans < 2:
-        raise misc.RunError(
+        raise RunError(
             f"--mask_mode channel needs at least 2 channels; the data have {dataset.in_chans} ({args.data_path})"
         )
 
 
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups by the official MAE rule: no weight decay for 1-D parameters and biases, decay for every
-    other trainable parameter, cls_token, mask_token and the channel embeddings included (frozen sin-cos
-    position embeddings are left out)."""
-    return timm.optim.param_groups_weight_decay(model, weight_decay)
-
-
-def build_model(args, dataset):
-    """The pretraining model for ``args.model`` sized for the dataset's channels."""
-    kwargs = dict(
-        img_size=args.input_size,
-        in_chans=dataset.in_chans,
-        num_channels=misc.num_known_channels(dataset),
-        norm_pix_loss=args.norm_pix_loss,
-        decoder=args.decoder,
-        decode_ratio=args.decode_ratio,
-        mask_mode=args.mask_mode,
-        hcs=args.hcs,
-    )
-    if args.patch_size:
-        kwargs["patch_size"] = args.patch_size
-    kwargs.update(misc.parse_model_kwargs(args.model_kwargs))
-    return models_chamae.create_model(args.model, **kwargs)
-
-
 def main(args):
     check_flags(args)
-    device = misc.setup_run(args)
+    device = setup_run(args)
 
     dataset_train = build_pretrain_dataset(args)
-    print(misc.describe_dataset("train", dataset_train))
+    print(describe_dataset("train", dataset_train))
     args.normalization = normalization_record(dataset_train)  # saved with the checkpoints, for fine-tuning
     check_channels(args, dataset_train)
     channel_ids = torch.as_tensor(dataset_train.channel_ids, dtype=torch.long, device=device)
-    data_loader_train = misc.build_train_loader(dataset_train, args)
-    log_writer = misc.open_log_writer(args)
+    data_loader_train = build_train_loader(dataset_train, args)
+    log_writer = open_log_writer(args)
     vis_batch = None
-    if args.vis_every > 0 and misc.is_main_process():
+    if args.vis_every > 0 and is_main_process():
         vis_batch = vis.fixed_batch(dataset_train, args.vis_n, args.seed).to(device)
 
-    model = build_model(args, dataset_train)
+    model = build_pretrain_model(args, dataset_train)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
@@ -140,44 +130,46 @@ def main(args):
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"Model = {args.model}, {n_parameters / 1e6:.2f}M trainable parameters")
 
-    misc.scale_lr(args)
+    scale_lr(args)
 
-    optimizer = torch.optim.AdamW(param_groups(model_without_ddp, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
-    loss_scaler = misc.NativeScaler(device, args.amp)
-    print(f"AMP: {args.amp}; {misc.describe_optimizer(optimizer)}")
+    optimizer = torch.optim.AdamW(
+        pretrain_param_groups(model_without_ddp, args.weight_decay), lr=args.lr, betas=(0.9, 0.95)
+    )
+    loss_scaler = NativeScaler(device, args.amp)
+    print(f"AMP: {args.amp}; {describe_optimizer(optimizer)}")
 
-    model, _ = misc.wrap_model(model, args, device)
+    model, _ = wrap_model(model, args, device)
 
-    checkpoint = misc.load_model(args, model_without_ddp, optimizer, loss_scaler)
-    progress = misc.resume_progress(checkpoint, args)
+    checkpoint = load_model(args, model_without_ddp, optimizer, loss_scaler)
+    progress = resume_progress(checkpoint, args)
 
-    misc.install_stop_handlers()
+    install_stop_handlers()
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
-        misc.set_loader_epoch(data_loader_train, epoch, args, progress)
+        set_loader_epoch(data_loader_train, epoch, args, progress)
         try:
             train_stats = train_one_epoch(
                 model, data_loader_train, optimizer, device, epoch, loss_scaler, log_writer, args, channel_ids, progress
             )
-        except misc.TrainingStopped as stop:  # SIGTERM / SIGUSR1: save mid-epoch, then exit (misc.run_main)
-            misc.save_stopped(stop, args, epoch, model_without_ddp, optimizer, loss_scaler, log_writer)
+        except TrainingStopped as stop:  # SIGTERM / SIGUSR1: save mid-epoch, then exit (run_main)
+            save_stopped(stop, args, epoch, model_without_ddp, optimizer, loss_scaler, log_writer)
             raise
         progress = None
-        path = misc.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
+        path = save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
         if vis_batch is not None and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
             # the bare module on rank 0 only: no collective, and the training RNG stream is left as it was
             names = vis.channel_labels(dataset_train)
             vis.log_reconstructions(model_without_ddp, vis_batch, channel_ids, args, epoch, log_writer, names)
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch, "n_parameters": n_parameters}
-        misc.write_log(args, {**log_stats, **misc.skip_stats(dataset_train)}, log_writer)
-        misc.stop_after_epoch(args, epoch, path)
+        write_log(args, {**log_stats, **skip_stats(dataset_train)}, log_writer)
+        stop_after_epoch(args, epoch, path)
 
-    misc.end_training(start_time, log_writer)
+    end_training(start_time, log_writer)
 
 
 if __name__ == "__main__":
     parser = get_args_parser()
     parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
     args = parser.parse_args()
-    misc.run_main(main, args, errors=(DatasetError,))
+    run_main(main, args, errors=(DatasetError,))

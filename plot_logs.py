@@ -6,7 +6,7 @@
 By default one panel each for the losses (train_loss, test_loss), the learning rate (train_lr) and the accuracy
 (test_acc1, test_acc5), those present in the logs. The x axis is 'epoch' (else the line number). When a
 resumed run logged an epoch twice, the later line wins. A log that cannot be read, logs without any plotted key
-and an -o that cannot be written end with one ``ERROR:`` line (``util.misc.run_main``).
+and an -o that cannot be written end with one ``ERROR:`` line (``util.run_main``).
 """
 
 import argparse
@@ -18,7 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-import util.misc as misc
+from util.cli import run_main
+from util.errors import RunError
 
 PANEL_INCHES, DPI = (4.8, 3.2), 100
 """Size of one panel: 480 x 320 pixels."""
@@ -38,9 +39,9 @@ def read_log(path: str) -> dict[str, list[tuple[float, float]]]:
         with open(path, encoding="utf-8") as f:
             lines = f.readlines()
     except OSError as err:
-        raise misc.RunError(f"cannot read the log {path}: {err.strerror or err}") from err
+        raise RunError(f"cannot read the log {path}: {err.strerror or err}") from err
     except UnicodeDecodeError as err:
-        raise misc.RunError(f"the log {path} is not UTF-8 text (JSON lines): {err.reason}") from err
+        raise RunError(f"the log {path} is not UTF-8 text (JSON lines): {err.reason}") from err
     for number, line in enumerate(lines):
         try:
             record = json.loads(line)
@@ -80,7 +81,7 @@ def check_out(out: str) -> None:
     extension = os.path.splitext(out)[1].lstrip(".").lower()
     formats = FigureCanvasAgg.get_supported_filetypes()
     if extension not in formats:
-        raise misc.RunError(f"-o {out}: no image format '.{extension}' (use one of {', '.join(sorted(formats))})")
+        raise RunError(f"-o {out}: no image format '.{extension}' (use one of {', '.join(sorted(formats))})")
 
 
 def plot(paths: list[str], out: str, panels=None) -> tuple[int, int]:
@@ -94,7 +95,7 @@ def plot(paths: list[str], out: str, panels=None) -> tuple[int, int]:
             charts.append((title, series))
     if not charts:
         keys = sorted({key for _, keys in panels or DEFAULT_PANELS for key in keys})
-        raise misc.RunError(f"none of the plotted keys {keys} has a finite number in {', '.join(paths)}")
+        raise RunError(f"none of the plotted keys {keys} has a finite number in {', '.join(paths)}")
     fig = Figure(figsize=(PANEL_INCHES[0] * len(charts), PANEL_INCHES[1]), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     for ax, (title, series) in zip(fig.subplots(1, len(charts), squeeze=False)[0], charts):
@@ -102,7 +103,7 @@ def plot(paths: list[str], out: str, panels=None) -> tuple[int, int]:
     try:
         fig.savefig(out)
     except OSError as err:
-        raise misc.RunError(f"cannot write -o {out}: {err.strerror or err}") from err
+        raise RunError(f"cannot write -o {out}: {err.strerror or err}") from err
     width, height = fig.get_size_inches() * DPI
     return round(width), round(height)
 
@@ -128,4 +129,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    misc.run_main(main, get_args_parser().parse_args())
+    run_main(main, get_args_parser().parse_args())

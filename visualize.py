@@ -15,9 +15,12 @@ import argparse
 
 import torch
 
-import util.misc as misc
-from util.checkpoint_io import SPLITS, eval_dataset, inherit_data_args, model_from_checkpoint
+from models_checkpoint import model_from_checkpoint
+from util.checkpoint_io import SPLITS, eval_dataset, inherit_data_args
+from util.cli import add_reading_args, parse_model_kwargs, run_main
 from util.datasets import DatasetError
+from util.distributed import default_device
+from util.errors import CheckpointError
 from util.vis import channel_labels, fixed_batch, mse_space, reconstruction_grid, save_png
 
 
@@ -53,7 +56,7 @@ def get_args_parser():
     )
     g.add_argument("--mask_mode", default=None, help="ChannelMAE masking (default: the checkpoint's)")
     g.add_argument("--unsafe_load", action="store_true", help="full unpickling (trusted files only)")
-    g.add_argument("--device", default=misc.default_device())
+    g.add_argument("--device", default=default_device())
     g = parser.add_argument_group("data (default: the checkpoint's flags)")
     g.add_argument("--data_path", default=None)
     g.add_argument("--split", default="pretrain", choices=SPLITS, help="pretraining layout or a labelled split")
@@ -61,12 +64,12 @@ def get_args_parser():
     g.add_argument("--mean", default=None, type=float, nargs="+")
     g.add_argument("--std", default=None, type=float, nargs="+")
     g.add_argument("--channel_stats", default=None)
-    misc.add_reading_args(g)
+    add_reading_args(g)
     return parser
 
 
 def main(args):
-    overrides = misc.parse_model_kwargs(args.model_kwargs)
+    overrides = parse_model_kwargs(args.model_kwargs)
     for key in ("norm_pix_loss", "mask_mode"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
@@ -74,7 +77,7 @@ def main(args):
         args.resume, model=args.model, input_size=args.input_size, unsafe=args.unsafe_load, **overrides
     )
     if info["kind"] != "pretrain":
-        raise misc.CheckpointError(f"{args.resume} has no decoder; visualize.py needs a pretraining checkpoint")
+        raise CheckpointError(f"{args.resume} has no decoder; visualize.py needs a pretraining checkpoint")
     inherit_data_args(args, info["args"], model)
     mask_ratio = args.mask_ratio if args.mask_ratio is not None else info["args"].get("mask_ratio", 0.75)
     dataset = eval_dataset(args, args.split)
@@ -103,4 +106,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    misc.run_main(main, get_args_parser().parse_args(), errors=(DatasetError,))
+    run_main(main, get_args_parser().parse_args(), errors=(DatasetError,))

@@ -9,7 +9,7 @@ model, no training) and each seed, with the same model size, epochs and seed eve
    per-patch normalised ones under ``--norm_pix_loss``), averaged over ``--mask_draws`` fixed masks that are the
    same for every configuration and seed.
 2. Digits encoder quality. The same recipe pretrains on ``sample_data/digits/train`` (1 channel, 32 px); the
-   encoder is then scored by weighted k-NN (cosine, k = 20, T = 0.07, ``extract_features``'s functions; train
+   encoder is then scored by weighted k-NN (cosine, k = 20, T = 0.07, ``util.features``; train
    split as memory, val split as queries) and by a linear probe through ``main_linprobe.py --finetune``. The
    masked-reconstruction MSE on the val digits is reported too.
 
@@ -50,10 +50,12 @@ import torch  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
 import main_pretrain  # noqa: E402
-import util.misc as misc  # noqa: E402
-from extract_features import encode, knn_accuracy  # noqa: E402
-from util.checkpoint_io import eval_dataset, inherit_data_args, model_from_checkpoint  # noqa: E402
+from models_checkpoint import build_pretrain_model, model_from_checkpoint  # noqa: E402
+from util.checkpoint import args_to_dict  # noqa: E402
+from util.checkpoint_io import eval_dataset, inherit_data_args  # noqa: E402
 from util.datasets import build_pretrain_dataset, read_image  # noqa: E402
+from util.features import encode, knn_accuracy  # noqa: E402
+from util.rng import seed_everything  # noqa: E402
 from util.vis import target_space_error, token_to_pixel_mask  # noqa: E402
 
 IHC_DIR = ROOT / "sample_data" / "ihc"
@@ -261,9 +263,9 @@ def pretrain(args, cfg, seed, dataset, output_dir):
 def write_initial_checkpoint(argv, path):
     """The model main_pretrain.py would build from argv, seeded with its --seed, saved untrained."""
     args = main_pretrain.get_args_parser().parse_args(argv)
-    misc.seed_everything(args.seed)
-    model = main_pretrain.build_model(args, build_pretrain_dataset(args))
-    torch.save(dict(model=model.state_dict(), args=misc.args_to_dict(args), epoch=-1), path)
+    seed_everything(args.seed)
+    model = build_pretrain_model(args, build_pretrain_dataset(args))
+    torch.save(dict(model=model.state_dict(), args=args_to_dict(args), epoch=-1), path)
     return path
 
 

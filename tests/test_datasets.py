@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 import models_chamae
-import util.misc as misc
 from util import datasets
 from util.checkpoint_io import inherit_data_args
+from util.cli import add_common_args
 from util.datasets import (
     CorruptFileError,
     DatasetError,
@@ -381,7 +381,7 @@ def test_mean_std_order_with_reordered_channels(tmp_path):
     assert (normalize_of(subset).mean, normalize_of(subset).std) == ([300, 0], [3, 1])
     for ds in (reordered, subset):
         torch.testing.assert_close(ds[0][0], torch.zeros(ds.in_chans, 16, 16), atol=1e-4, rtol=0)
-    helps = [a.help for a in misc.add_common_args(argparse.ArgumentParser())._actions if a.dest in ("mean", "std")]
+    helps = [a.help for a in add_common_args(argparse.ArgumentParser())._actions if a.dest in ("mean", "std")]
     assert len(helps) == 2
     for text in helps:
         assert "in file order also when --channels reorders them" in text

@@ -1,6 +1,6 @@
 """Multi-process training on the CPU with torchrun (gloo): pretraining, fine-tuning with --dist_eval, and a
 single-process evaluation of the 2-process checkpoint. Also the single-process and torchrun branches of
-``misc.init_distributed_mode`` in-process."""
+``init_distributed_mode`` in-process."""
 
 import argparse
 import builtins
@@ -14,7 +14,8 @@ import sys
 import pytest
 import torch
 
-import util.misc as misc
+from util.cli import add_common_args
+from util.distributed import cleanup_distributed, get_world_size, init_distributed_mode, is_dist_avail_and_initialized
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD_SIZE = 2
@@ -122,19 +123,19 @@ def clean_dist_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(builtins, "print", builtins.print)
     yield monkeypatch
-    misc.cleanup_distributed()
+    cleanup_distributed()
 
 
 def make_args(**kwargs):
-    parser = misc.add_common_args(argparse.ArgumentParser())
+    parser = add_common_args(argparse.ArgumentParser())
     return parser.parse_args(["--device", "cpu"] + [f"--{k}={v}" for k, v in kwargs.items()])
 
 
 def test_init_distributed_single_process(clean_dist_env):
     args = make_args()
-    misc.init_distributed_mode(args)
+    init_distributed_mode(args)
     assert (args.distributed, args.rank, args.world_size) == (False, 0, 1)
-    assert not misc.is_dist_avail_and_initialized()
+    assert not is_dist_avail_and_initialized()
 
 
 def test_init_distributed_torchrun_env(clean_dist_env):
@@ -144,6 +145,6 @@ def test_init_distributed_torchrun_env(clean_dist_env):
     clean_dist_env.setenv("MASTER_ADDR", "127.0.0.1")
     clean_dist_env.setenv("MASTER_PORT", str(free_port()))
     args = make_args()
-    misc.init_distributed_mode(args)
+    init_distributed_mode(args)
     assert (args.distributed, args.rank, args.world_size, args.dist_backend) == (True, 0, 1, "gloo")
-    assert misc.is_dist_avail_and_initialized() and misc.get_world_size() == 1
+    assert is_dist_avail_and_initialized() and get_world_size() == 1

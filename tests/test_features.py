@@ -13,8 +13,9 @@ import torch
 import extract_features
 import models_chamae
 import models_vit
-from extract_features import encode, group_means, knn_accuracy, knn_classify, merge_shards, open_array
-from util.checkpoint_io import eval_dataset, model_from_checkpoint
+from models_checkpoint import model_from_checkpoint
+from util.checkpoint_io import eval_dataset
+from util.features import encode, group_means, knn_accuracy, knn_classify, merge_shards, open_array
 
 ROOT = Path(__file__).resolve().parents[1]
 IHC = ROOT / "sample_data" / "ihc"
@@ -24,7 +25,7 @@ DIGITS_MODEL = dict(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, de
 
 
 def save_ours(model, path, name, input_size, data_path, model_kwargs, **extra_args):
-    """A checkpoint laid out as util.misc.save_model writes it."""
+    """A checkpoint laid out as util.checkpoint.save_model writes it."""
     args = dict(
         model=name,
         input_size=input_size,

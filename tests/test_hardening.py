@@ -5,7 +5,7 @@ checkpoint, a save meets a full disk (writes to /dev/full fail with ENOSPC), --o
 image files are corrupt or do not match, the loss turns NaN, checkpoints belong to another model or hold pickled
 objects, and there is too little data. Kills and signals run the scripts as subprocesses (their stderr must hold
 no traceback). The other cases run the scripts' ``__main__`` blocks in this process with ``runpy``: the same
-argument parsing and ``misc.run_main`` exit (``ERROR: <message>``, status 1) as the command line, without ~5 s
+argument parsing and ``run_main`` exit (``ERROR: <message>``, status 1) as the command line, without ~5 s
 of imports per case; an exception other than the expected errors would fail the test with its traceback.
 
 Covered elsewhere, not repeated: the data layer's checks of truncated/corrupt files and channel or size
@@ -34,12 +34,16 @@ import pytest
 import torch
 from PIL import Image
 
-import main_finetune
 import models_chamae
+import models_checkpoint
 import models_mae
 import models_vit
-import util.misc as misc
+from util.checkpoint import find_latest_checkpoint, load_checkpoint
 from util.datasets import build_pretrain_dataset
+from util.errors import CheckpointError, CheckpointMismatchError
+from util.loaders import EpochSampler
+from util.output_dir import LOCK_FILENAME, lock_output_dir, release_output_dir
+from util.preemption import PROGRESS_KEY, restore_stop_handlers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "sample_data")
@@ -73,8 +77,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 # itself: the child outlives the lock holder.
 HOLD_LOCK_FORK_AND_DIE = """
 import os, signal, sys
-import util.misc as misc
-misc.lock_output_dir(sys.argv[1])
+from util.output_dir import lock_output_dir
+lock_output_dir(sys.argv[1])
 if os.fork() == 0:
     sys.stdin.read()
     os._exit(0)
@@ -145,7 +149,7 @@ def cli(monkeypatch, capsys):
         except SystemExit as exit:
             code = exit.code
         finally:
-            misc.restore_stop_handlers()
+            restore_stop_handlers()
         return code, capsys.readouterr().out
 
     return call
@@ -256,7 +260,7 @@ def test_kills_and_stop_signals_lose_nothing(ihc, reference, tmp_path):
     step = int(stopped.group(1))
     assert 1 < step < STEPS and stopped.group(2) == str(last)
     checkpoint = load(last)
-    assert checkpoint["epoch"] == 1 and checkpoint[misc.PROGRESS_KEY]["step"] == step
+    assert checkpoint["epoch"] == 1 and checkpoint[PROGRESS_KEY]["step"] == step
     assert len(read_log(out_dir)) == 1
     stopped_state = sha256(last)
 
@@ -273,9 +277,9 @@ def test_kills_and_stop_signals_lose_nothing(ihc, reference, tmp_path):
     assert f"Continuing epoch 1 at step {step}" in proc.stdout and "Epoch: [1] Total time" in proc.stdout
     half_written = out_dir / "checkpoint-last.pth.tmp"
     assert half_written.stat().st_size > 0
-    with pytest.raises(misc.CheckpointError):
-        misc.load_checkpoint(str(half_written))
-    assert misc.find_latest_checkpoint(str(out_dir)) == str(last) and sha256(last) == stopped_state
+    with pytest.raises(CheckpointError):
+        load_checkpoint(str(half_written))
+    assert find_latest_checkpoint(str(out_dir)) == str(last) and sha256(last) == stopped_state
 
     # 4. the last rerun finishes epoch 1 from the step the SIGTERM stopped at
     resumed = run("main_pretrain.py", *flags)
@@ -300,7 +304,7 @@ def test_sigusr1_to_the_process_group_saves_a_checkpoint(ihc, reference, tmp_pat
     stopped = re.search(r"Stopped by SIGUSR1 at epoch 1, step (\d+) \(mid-epoch\)", err)
     assert stopped and "Traceback" not in err, err[-4000:]
     checkpoint = load(out_dir / "checkpoint-last.pth")
-    assert checkpoint["epoch"] == 1 and checkpoint[misc.PROGRESS_KEY]["step"] == int(stopped.group(1))
+    assert checkpoint["epoch"] == 1 and checkpoint[PROGRESS_KEY]["step"] == int(stopped.group(1))
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -339,7 +343,7 @@ def test_a_run_owns_its_output_dir(ihc, tmp_path, cli):
     code, out = cli("main_pretrain.py", *flags)
     assert code == (
         f"ERROR: --output_dir {out_dir} is in use by another run: PID {owner.pid} on {socket.gethostname()} "
-        f"holds {out_dir / misc.LOCK_FILENAME}. Wait for it to end, or choose another --output_dir"
+        f"holds {out_dir / LOCK_FILENAME}. Wait for it to end, or choose another --output_dir"
     )
     assert "train:" not in out
     owner.kill()
@@ -370,10 +374,10 @@ def test_output_dir_lock_dies_with_its_process_not_its_children(tmp_path):
     assert proc.stdout.readline().strip() == "locked"
     assert proc.wait(timeout=60) == -signal.SIGKILL
     try:
-        misc.lock_output_dir(str(tmp_path))
-        assert (tmp_path / misc.LOCK_FILENAME).read_text() == f"PID {os.getpid()} on {socket.gethostname()}\n"
+        lock_output_dir(str(tmp_path))
+        assert (tmp_path / LOCK_FILENAME).read_text() == f"PID {os.getpid()} on {socket.gethostname()}\n"
     finally:
-        misc.release_output_dir()
+        release_output_dir()
         proc.stdin.close()  # ends the child
 
 
@@ -471,7 +475,7 @@ def test_nan_loss_names_epoch_and_first_bad_step(tmp_path, cli):
     # pixels that are finite but overflow float32 in the model, in the second sample of step 2 of epoch 1 (the
     # order the training sampler draws); NaN pixels would be named when read (test_nan_pixels_name_the_file)
     dataset = build_pretrain_dataset(argparse.Namespace(data_path=str(root), input_size=32, mean=[0], std=[1]))
-    sampler = misc.EpochSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+    sampler = EpochSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
     sampler.set_epoch(1)
     victim = dataset.samples[list(sampler)[2 * batch_size + 1]][0]
     np.save(victim, np.full((1, 32, 32), 1e30, dtype=np.float32))
@@ -731,11 +735,11 @@ def test_pretrained_encoder_of_another_family_or_depth_is_refused():
     shape = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2)
     vit = models_vit.create_model("vit_tiny_patch16", in_chans=1, num_classes=10, depth=1, **shape)
     channel_mae = models_chamae.create_model("chamae_vit_tiny_patch16", in_chans=1, depth=1, **shape)
-    with pytest.raises(misc.CheckpointMismatchError, match="chamae.pth holds a ChannelMAE / ChannelViT encoder"):
-        main_finetune.load_pretrained(vit, channel_mae.state_dict(), "chamae.pth")
+    with pytest.raises(CheckpointMismatchError, match="chamae.pth holds a ChannelMAE / ChannelViT encoder"):
+        models_checkpoint.load_pretrained(vit, channel_mae.state_dict(), "chamae.pth")
     deeper = models_mae.create_model("mae_vit_tiny_patch16", in_chans=1, depth=2, **shape)
-    with pytest.raises(misc.CheckpointMismatchError, match=r"deeper.pth does not fit[\s\S]*unexpected keys"):
-        main_finetune.load_pretrained(vit, deeper.state_dict(), "deeper.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"deeper.pth does not fit[\s\S]*unexpected keys"):
+        models_checkpoint.load_pretrained(vit, deeper.state_dict(), "deeper.pth")
 
 
 # ----------------------------------------------------------------------------------------- flags that would be ignored

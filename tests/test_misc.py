@@ -15,12 +15,16 @@ from timm.optim import Lars, param_groups_layer_decay
 
 import models_vit
 import util.lr_sched as lr_sched
-import util.misc as misc
+from util.amp import NativeScaler, autocast, resolve_amp
+from util.checkpoint import atomic_save, find_latest_checkpoint, load_checkpoint, load_model, save_model
+from util.cli import add_common_args, parse_model_kwargs
 from util.lars import LARS
+from util.metric_log import LossTracker, MetricLogger, NonFiniteLossError, SmoothedValue, log_train_step
+from util.rng import get_rng_state, set_rng_state
 
 
 def tiny_args(tmp_path, **overrides):
-    args = misc.add_common_args(argparse.ArgumentParser()).parse_args(["--output_dir", str(tmp_path)])
+    args = add_common_args(argparse.ArgumentParser()).parse_args(["--output_dir", str(tmp_path)])
     args.epochs, args.save_every, args.distributed = 10, 3, False
     vars(args).update(overrides)
     return args
@@ -29,8 +33,8 @@ def tiny_args(tmp_path, **overrides):
 def save(args, epoch, model=None, **kwargs):
     model = model or torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = misc.NativeScaler(torch.device("cpu"), "none")
-    return misc.save_model(args, epoch, model, optimizer, scaler, **kwargs)
+    scaler = NativeScaler(torch.device("cpu"), "none")
+    return save_model(args, epoch, model, optimizer, scaler, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -44,7 +48,7 @@ def test_checkpoint_is_plain_and_loads_with_weights_only(tmp_path):
     assert isinstance(checkpoint["args"], dict) and not isinstance(checkpoint["args"], argparse.Namespace)
     assert checkpoint["args"]["mean"] == [0.5] and checkpoint["args"]["some_path"] == str(tmp_path)
     assert checkpoint["epoch"] == 0 and len(checkpoint["rng"]) == 1
-    assert misc.load_checkpoint(path)["max_accuracy"] == 12.5
+    assert load_checkpoint(path)["max_accuracy"] == 12.5
 
 
 def test_save_every_and_final_epoch(tmp_path):
@@ -66,21 +70,21 @@ def test_save_every_and_final_epoch(tmp_path):
 
 def test_atomic_save_failure_keeps_previous_file(tmp_path):
     path = str(tmp_path / "checkpoint-last.pth")
-    misc.atomic_save({"epoch": 1}, path)
+    atomic_save({"epoch": 1}, path)
     with pytest.raises(Exception):  # noqa: B017 - whatever pickling raises
-        misc.atomic_save({"epoch": 2, "bad": lambda: None}, path)
+        atomic_save({"epoch": 2, "bad": lambda: None}, path)
     assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
     assert torch.load(path, weights_only=True) == {"epoch": 1}
 
 
 def test_find_latest_checkpoint(tmp_path):
-    assert misc.find_latest_checkpoint(str(tmp_path)) is None
-    assert misc.find_latest_checkpoint(str(tmp_path / "missing")) is None
+    assert find_latest_checkpoint(str(tmp_path)) is None
+    assert find_latest_checkpoint(str(tmp_path / "missing")) is None
     for name in ("checkpoint-2.pth", "checkpoint-10.pth", "checkpoint-11.pth.tmp", "checkpoint-best.pth"):
         (tmp_path / name).write_bytes(b"")
-    assert misc.find_latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10.pth")
+    assert find_latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10.pth")
     (tmp_path / "checkpoint-last.pth").write_bytes(b"")
-    assert misc.find_latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-last.pth")
+    assert find_latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-last.pth")
 
 
 def test_load_model_restores_state_and_rng(tmp_path):
@@ -90,13 +94,13 @@ def test_load_model_restores_state_and_rng(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(4, 3)).sum().backward()
     optimizer.step()
-    misc.save_model(args, 4, model, optimizer, misc.NativeScaler(torch.device("cpu"), "none"))
+    save_model(args, 4, model, optimizer, NativeScaler(torch.device("cpu"), "none"))
     expected = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002 (the global RNG is restored)
 
     fresh = torch.nn.Linear(3, 2)
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
     resume_args = tiny_args(tmp_path, auto_resume=True)
-    misc.load_model(resume_args, fresh, fresh_optimizer, misc.NativeScaler(torch.device("cpu"), "none"))
+    load_model(resume_args, fresh, fresh_optimizer, NativeScaler(torch.device("cpu"), "none"))
     assert resume_args.start_epoch == 5 and resume_args.resume.endswith("checkpoint-last.pth")
     assert torch.equal(fresh.weight, model.weight)
     assert fresh_optimizer.state_dict()["state"][0]["step"] == 1
@@ -109,10 +113,10 @@ def test_rng_state_round_trip_through_weights_only_pickle():
     np.random.seed(1)  # noqa: NPY002 - the legacy global RNG is what the checkpoint stores
     torch.manual_seed(1)
     buffer = io.BytesIO()
-    torch.save(misc.get_rng_state(), buffer)
+    torch.save(get_rng_state(), buffer)
     before = (torch.randn(2), np.random.randn(2), random.gauss(0, 1))  # noqa: NPY002
     buffer.seek(0)
-    misc.set_rng_state(torch.load(buffer, weights_only=True))
+    set_rng_state(torch.load(buffer, weights_only=True))
     after = (torch.randn(2), np.random.randn(2), random.gauss(0, 1))  # noqa: NPY002
     assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]
 
@@ -121,29 +125,29 @@ def test_unsafe_load_is_needed_for_pickled_objects(tmp_path):
     path = str(tmp_path / "fraction.pth")
     torch.save({"args": fractions.Fraction(1, 3)}, path)
     with pytest.raises(RuntimeError, match="--unsafe_load"):
-        misc.load_checkpoint(path)
-    assert misc.load_checkpoint(path, unsafe=True)["args"] == fractions.Fraction(1, 3)
+        load_checkpoint(path)
+    assert load_checkpoint(path, unsafe=True)["args"] == fractions.Fraction(1, 3)
 
 
 def test_namespace_args_load_without_unsafe(tmp_path):
     """Published fine-tuned MAE checkpoints store 'args' as an argparse.Namespace, which is allowed."""
     path = str(tmp_path / "ns.pth")
     torch.save({"args": argparse.Namespace(a=1)}, path)
-    assert misc.load_checkpoint(path)["args"].a == 1
+    assert load_checkpoint(path)["args"].a == 1
 
 
 # ----------------------------------------------------------------------------------------------- logging
 
 
 def test_smoothed_value_and_metric_logger(capsys):
-    meter = misc.SmoothedValue(window_size=2)
+    meter = SmoothedValue(window_size=2)
     for value in (1.0, 2.0, 6.0):
         meter.update(value)
     meter.update(3.0, n=3)
     assert meter.median == 4.5 and meter.max == 6.0 and meter.value == 3.0
     assert meter.global_avg == pytest.approx((1 + 2 + 6 + 9) / 6)
 
-    logger = misc.MetricLogger()
+    logger = MetricLogger()
     seen = list(logger.log_every(range(5), print_freq=2, header="Epoch: [3]"))
     logger.update(loss=(2.0, 4), lr=torch.tensor(0.5))
     assert seen == list(range(5)) and logger.loss.global_avg == 2.0 and logger.lr.value == 0.5
@@ -152,19 +156,19 @@ def test_smoothed_value_and_metric_logger(capsys):
 
 
 def test_loss_tracker_reports_mean_and_first_bad_step():
-    tracker = misc.LossTracker(torch.device("cpu"), epoch=7)
+    tracker = LossTracker(torch.device("cpu"), epoch=7)
     for step, value in enumerate((1.0, 2.0, 3.0)):
         tracker.update(torch.tensor(value), step)
     assert tracker.flush() == {"loss": (2.0, 3)}
     for step, value in ((3, 1.0), (4, math.nan), (5, math.inf)):
         tracker.update(torch.tensor(value), step)
-    with pytest.raises(misc.NonFiniteLossError, match="epoch 7, step 4"):
+    with pytest.raises(NonFiniteLossError, match="epoch 7, step 4"):
         tracker.flush()
 
 
 def test_loss_tracker_averages_finite_grad_norms_of_optimizer_steps():
     """None on accumulation steps; an fp16 step skipped by the scaler has an infinite norm and is left out."""
-    tracker = misc.LossTracker(torch.device("cpu"), epoch=0)
+    tracker = LossTracker(torch.device("cpu"), epoch=0)
     for step, norm in enumerate((None, 3.0, None, math.inf, None, 5.0)):
         tracker.update(torch.tensor(1.0), step, None if norm is None else torch.tensor(norm))
     assert tracker.flush() == {"loss": (1.0, 6), "grad_norm": (4.0, 2)}
@@ -180,28 +184,28 @@ def test_log_train_step_logs_grad_norm_like_the_loss():
         def add_scalar(self, tag, value, step):
             self.scalars[tag] = (value, step)
 
-    tracker = misc.LossTracker(torch.device("cpu"), epoch=2)
-    logger, writer = misc.MetricLogger(), Writer()
+    tracker = LossTracker(torch.device("cpu"), epoch=2)
+    logger, writer = MetricLogger(), Writer()
     for step in range(4):
         tracker.update(torch.tensor(float(step)), step, torch.tensor(10.0 * step))
-        misc.log_train_step(step, 4, 2, 0.1, tracker, logger, writer, print_freq=2)
+        log_train_step(step, 4, 2, 0.1, tracker, logger, writer, print_freq=2)
     assert writer.scalars == {"train_loss": (3.0, 3000), "train_grad_norm": (30.0, 3000), "lr": (0.1, 3000)}
     assert logger.grad_norm.global_avg == pytest.approx(15.0) and logger.loss.global_avg == pytest.approx(1.5)
 
 
 def test_parse_model_kwargs():
-    assert misc.parse_model_kwargs(["depth=2", "qkv_bias=False", "act=gelu", "r=0.5"]) == {
+    assert parse_model_kwargs(["depth=2", "qkv_bias=False", "act=gelu", "r=0.5"]) == {
         "depth": 2,
         "qkv_bias": False,
         "act": "gelu",
         "r": 0.5,
     }
     with pytest.raises(argparse.ArgumentTypeError):
-        misc.parse_model_kwargs(["depth"])
+        parse_model_kwargs(["depth"])
 
 
 def test_float_list_flags():
-    parser = misc.add_common_args(argparse.ArgumentParser())
+    parser = add_common_args(argparse.ArgumentParser())
     assert parser.parse_args(["--mean", "1,2", "3"]).mean == [1.0, 2.0, 3.0]
     assert parser.parse_args(["--std", "0.5"]).std == [0.5]
 
@@ -210,10 +214,10 @@ def test_float_list_flags():
 
 
 def test_resolve_amp_defaults():
-    assert misc.resolve_amp(None, torch.device("cpu")) == "none"
-    assert misc.resolve_amp("bf16", torch.device("cpu")) == "bf16"
+    assert resolve_amp(None, torch.device("cpu")) == "none"
+    assert resolve_amp("bf16", torch.device("cpu")) == "bf16"
     with pytest.raises(ValueError):
-        misc.resolve_amp("fp8", torch.device("cpu"))
+        resolve_amp("fp8", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("amp", ["none", "bf16"])
@@ -221,9 +225,9 @@ def test_native_scaler_clips_and_accumulates(amp):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    scaler = misc.NativeScaler(torch.device("cpu"), amp)
+    scaler = NativeScaler(torch.device("cpu"), amp)
     x = torch.randn(8, 4) * 100
-    with misc.autocast(torch.device("cpu"), amp):
+    with autocast(torch.device("cpu"), amp):
         loss = model(x).float().pow(2).mean()
     assert scaler(loss, optimizer, parameters=model.parameters(), update_grad=False) is None
     grads = [p.grad.clone() for p in model.parameters()]

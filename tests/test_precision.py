@@ -17,7 +17,7 @@ from timm.loss import LabelSmoothingCrossEntropy
 import engine_finetune
 import models_chamae
 import models_vit
-import util.misc as misc
+from util.amp import NativeScaler, autocast
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_VIT = dict(embed_dim=8, depth=1, num_heads=1, mlp_ratio=1.0)
@@ -66,7 +66,7 @@ def autocast_losses() -> dict:
         losses[decoder] = {}
         for amp in ("none", "fp16", "bf16"):
             torch.manual_seed(2)
-            with torch.no_grad(), misc.autocast(torch.device("cpu"), amp):
+            with torch.no_grad(), autocast(torch.device("cpu"), amp):
                 loss, pred, mask = model(imgs, mask_ratio=0.75)
             assert int(mask.sum()) == 1400 * 48 > FP16_MAX
             assert pred.dtype == (LOW_PRECISION[amp] if amp != "none" else torch.float32)
@@ -92,7 +92,7 @@ def finetune_criterion() -> dict:
     loader = torch.utils.data.DataLoader(data, batch_size=4)
     args = Namespace(print_freq=1, accum_iter=1, amp="fp16", lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = misc.NativeScaler(torch.device("cpu"), "fp16")
+    scaler = NativeScaler(torch.device("cpu"), "fp16")
     stats = engine_finetune.train_one_epoch(
         model, criterion, loader, optimizer, torch.device("cpu"), 0, scaler, args=args
     )

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-import main_pretrain
 import models_chamae
 import models_mae
-import util.misc as misc
+from util.optim import pretrain_param_groups
+from util.output_dir import LOCK_FILENAME
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENCODER = ["--input_size", "32", "--patch_size", "8", "--num_workers", "0"]
@@ -153,7 +153,7 @@ def test_pretrain_weight_decay_follows_official_mae(name):
     ChannelMAE's channel embeddings) included; the frozen sin-cos tables are not optimised at all."""
     tiny = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
     model = models_chamae.create_model(name, img_size=32, patch_size=8, in_chans=3, **tiny)
-    decay_of = {id(p): g["weight_decay"] for g in main_pretrain.param_groups(model, 0.05) for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in pretrain_param_groups(model, 0.05) for p in g["params"]}
     for param_name, param in model.named_parameters():
         if not param.requires_grad:
             expected = None
@@ -262,7 +262,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert "Traceback" not in proc.stderr
     assert sha256(output_dir / "checkpoint-last.pth") == before
     assert sorted(os.listdir(output_dir)) == sorted(
-        ["checkpoint-0.pth", "checkpoint-last.pth", "log.txt", misc.LOCK_FILENAME]
+        ["checkpoint-0.pth", "checkpoint-last.pth", "log.txt", LOCK_FILENAME]
         + [n for n in os.listdir(output_dir) if n.startswith("events.out")]
     )
     assert torch.load(output_dir / "checkpoint-last.pth", weights_only=True)["epoch"] == 0

@@ -15,8 +15,9 @@ from PIL import Image
 import main_pretrain
 import models_chamae
 import visualize
-from util.checkpoint_io import eval_dataset, model_from_checkpoint
-from util.misc import CheckpointError
+from models_checkpoint import model_from_checkpoint
+from util.checkpoint_io import eval_dataset
+from util.errors import CheckpointError
 from util.vis import (
     NORM_PIX_NOTE,
     NOTE_LINE_H,
@@ -42,7 +43,7 @@ def tiny(name="chamae_vit_tiny_patch16", in_chans=6, img_size=64, **kwargs):
 
 
 def save_ours(model, path, name, input_size, data_path, **extra_args):
-    """A checkpoint laid out as util.misc.save_model writes it."""
+    """A checkpoint laid out as util.checkpoint.save_model writes it."""
     args = dict(model=name, input_size=input_size, patch_size=8, model_kwargs=TINY_KWARGS, data_path=str(data_path))
     torch.save({"model": model.state_dict(), "args": {**args, **extra_args}, "epoch": 0}, path)
     return str(path)

@@ -82,7 +82,7 @@ from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2
 
-import util.misc as misc
+from util.cli import add_reading_args, run_main
 
 logger = logging.getLogger(__name__)
 
@@ -1124,8 +1124,8 @@ def main(argv=None):
     stats.add_argument("--max_samples", type=int, default=None, help="use this many evenly spaced samples")
     stats.add_argument("--skip_bad_samples", action="store_true")
     stats.add_argument("--allow_mixed_sizes", action="store_true")
-    misc.add_reading_args(stats)
-    misc.run_main(_stats_command, parser.parse_args(argv), errors=(DatasetError,))
+    add_reading_args(stats)
+    run_main(_stats_command, parser.parse_args(argv), errors=(DatasetError,))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Submitting main_pretrain / main_finetune / main_linprobe to Slurm with submitit, with requeue on preemption.
 
 ``submitit_pretrain.py``, ``submitit_finetune.py`` and ``submitit_linprobe.py`` are thin wrappers around
-``parse_args`` and ``submit`` here. The job runs ``<main module>.main(args)`` in every task; ``util.misc``
+``parse_args`` and ``submit`` here. The job runs ``<main module>.main(args)`` in every task; ``util.distributed``
 picks rank, world size and the rendezvous address up from the Slurm environment.
 
 Paths: ``--job_dir`` (default ``./job_dir/%j``) holds submitit's files and the task logs; ``--output_dir`` and
@@ -24,7 +24,8 @@ import shlex
 import submitit
 import torch
 
-from util.misc import end_loader_workers, find_latest_checkpoint
+from util.checkpoint import find_latest_checkpoint
+from util.cli import end_loader_workers
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB_PATH_ARGS = ("job_dir", "output_dir", "log_dir")

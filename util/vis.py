@@ -23,7 +23,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from timm.utils import unwrap_model
 
-import util.misc as misc
+from util.distributed import is_main_process
+from util.rng import get_rng_state, set_rng_state
 
 PANELS = ("original", "masked", "recon", "recon+vis")
 MASK_RGB = (72, 72, 120)
@@ -87,7 +88,7 @@ def seeded_rng(seed):
     Drawing a mask or an augmented image here therefore leaves the training run's random stream untouched. CUDA
     is seeded only when already initialised (a lazily queued seed would outlive the block).
     """
-    state = misc.get_rng_state()
+    state = get_rng_state()
     try:
         torch.random.default_generator.manual_seed(seed)
         if state["cuda"] is not None:
@@ -96,7 +97,7 @@ def seeded_rng(seed):
         random.seed(seed)
         yield
     finally:
-        misc.set_rng_state(state)
+        set_rng_state(state)
 
 
 def token_to_pixel_mask(model, token_mask, C):
@@ -324,7 +325,7 @@ def log_reconstructions(model, imgs, channel_ids, args, epoch, log_writer=None, 
     Uses args.mask_ratio and args.seed (the mask is the same every epoch). Other ranks return None at once.
     Returns the PNG path (None when there is no output_dir) on rank 0.
     """
-    if not misc.is_main_process():
+    if not is_main_process():
         return None
     grid, channel_mse = reconstruction_grid(
         model, imgs, channel_ids, args.mask_ratio, seed=getattr(args, "seed", 0), channel_names=channel_names

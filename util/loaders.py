@@ -1,0 +1,105 @@
+"""Samplers and DataLoaders: (seed, epoch)-determined training order, sharded evaluation, mid-epoch starts."""
+
+import itertools
+import signal
+
+import torch
+
+from util.distributed import get_rank, get_world_size
+from util.errors import RunError
+from util.preemption import STOP_SIGNALS
+from util.rng import epoch_seed
+
+
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """``DistributedSampler`` that can begin an epoch part-way: it skips the first ``start`` indices of this
+    process's shard (set by ``set_loader_epoch`` when resuming a mid-epoch checkpoint)."""
+
+    start = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+def _worker_ignores_stop_signals(worker_id: int):
+    """DataLoader ``worker_init_fn``: leave SIGTERM/SIGUSR1 to the main process, which saves and then ends the
+    workers (Slurm and ``kill -- -pgid`` signal every process, and a worker killed by them would fail the loader)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Indices ``rank, rank + world_size, ...``: every sample exactly once over all processes (no padding)."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int):
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.rank, self.num_replicas, self.size = rank, num_replicas, len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.size, self.num_replicas))
+
+    def __len__(self):
+        return self.num_samples
+
+
+def build_train_loader(dataset, args, drop_last: bool = True):
+    """Shuffling loader whose order depends only on (seed, epoch): call ``set_loader_epoch`` before each epoch.
+
+    The order comes from a ``DistributedSampler`` (also with one process) and worker seeds from the loader's own
+    generator, so neither draws from the global RNG. Too few samples for one batch per process, or for one
+    optimizer step of ``--accum_iter`` batches, raise ``RunError``.
+    """
+    sampler = EpochSampler(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True, seed=args.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=args.pin_mem and str(args.device).startswith("cuda"),
+        drop_last=drop_last,
+        generator=torch.Generator(),
+        worker_init_fn=_worker_ignores_stop_signals,
+    )
+    if len(loader) == 0:
+        raise RunError(
+            f"{len(dataset)} training samples give no full batch of --batch_size {args.batch_size} per process "
+            f"on {get_world_size()} process(es); lower --batch_size"
+        )
+    accum_iter = getattr(args, "accum_iter", 1)
+    if len(loader) < accum_iter:
+        raise RunError(
+            f"an epoch has {len(loader)} batches of --batch_size {args.batch_size} ({len(dataset)} samples, "
+            f"{get_world_size()} process(es)), fewer than --accum_iter {accum_iter}: no optimizer step would be taken"
+        )
+    return loader
+
+
+def set_loader_epoch(loader, epoch: int, args, progress: dict | None = None):
+    """Seed the shuffling and the worker RNGs of ``loader`` for ``epoch``; with the ``progress`` of a mid-epoch
+    checkpoint (``resume_progress``) the epoch starts after the batches it had done."""
+    loader.sampler.set_epoch(epoch)
+    loader.sampler.start = progress["step"] * loader.batch_size if progress else 0
+    loader.generator.manual_seed(epoch_seed(args.seed, epoch, get_rank()))
+
+
+def build_eval_loader(dataset, args):
+    """Sequential loader; with ``--dist_eval`` every process scores a disjoint shard (``ShardSampler``)."""
+    if getattr(args, "dist_eval", False) and get_world_size() > 1:
+        sampler = ShardSampler(dataset, get_world_size(), get_rank())
+    else:
+        sampler = torch.utils.data.SequentialSampler(dataset)
+    generator = torch.Generator()
+    generator.manual_seed(args.seed)
+    return torch.utils.data.DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=args.pin_mem and str(args.device).startswith("cuda"),
+        drop_last=False,
+        generator=generator,
+        worker_init_fn=_worker_ignores_stop_signals,
+    )
