@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 import util.misc as misc
 from util.checkpoint_io import SPLITS, eval_dataset, inherit_data_args, model_from_checkpoint
-from util.datasets import DatasetError
+from util.data.errors import DatasetError
 
 POOLS = ("mean", "cls")
 CHUNK_ROWS = 4096

@@ -30,7 +30,9 @@ from util.checkpoint_io import (
     inherit_args,
     split_checkpoint,
 )
-from util.datasets import DatasetError, build_dataset, normalization_record
+from util.data.builders import build_dataset
+from util.data.errors import DatasetError
+from util.data.stats import normalization_record
 from util.pos_embed import interpolate_pos_embed
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -20,7 +20,7 @@ from main_finetune import (
     load_pretrained,
     resolve_checkpoint_flags,
 )
-from util.datasets import DatasetError
+from util.data.errors import DatasetError
 from util.lars import LARS
 
 LINPROBE_DEFAULTS = {**DEFAULTS, "global_pool": False}

@@ -15,7 +15,9 @@ import models_chamae
 import util.misc as misc
 import util.vis as vis
 from engine_pretrain import train_one_epoch
-from util.datasets import DatasetError, build_pretrain_dataset, normalization_record
+from util.data.builders import build_pretrain_dataset
+from util.data.errors import DatasetError
+from util.data.stats import normalization_record
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 

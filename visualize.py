@@ -17,7 +17,7 @@ import torch
 
 import util.misc as misc
 from util.checkpoint_io import SPLITS, eval_dataset, inherit_data_args, model_from_checkpoint
-from util.datasets import DatasetError
+from util.data.errors import DatasetError
 from util.vis import channel_labels, fixed_batch, mse_space, reconstruction_grid, save_png
 
 

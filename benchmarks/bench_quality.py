@@ -53,7 +53,8 @@ import main_pretrain  # noqa: E402
 import util.misc as misc  # noqa: E402
 from extract_features import encode, knn_accuracy  # noqa: E402
 from util.checkpoint_io import eval_dataset, inherit_data_args, model_from_checkpoint  # noqa: E402
-from util.datasets import build_pretrain_dataset, read_image  # noqa: E402
+from util.data.builders import build_pretrain_dataset  # noqa: E402
+from util.data.readers import read_image  # noqa: E402
 from util.vis import target_space_error, token_to_pixel_mask  # noqa: E402
 
 IHC_DIR = ROOT / "sample_data" / "ihc"

@@ -39,7 +39,7 @@ import models_chamae
 import models_mae
 import models_vit
 import util.misc as misc
-from util.datasets import build_pretrain_dataset
+from util.data.builders import build_pretrain_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "sample_data")

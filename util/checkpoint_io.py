@@ -30,7 +30,8 @@ from torchvision.transforms import v2
 import models_chamae
 import models_mae
 import models_vit
-from util.datasets import build_dataset, build_pretrain_dataset, build_transform
+from util.data.builders import build_dataset, build_pretrain_dataset
+from util.data.transforms import build_transform
 from util.misc import (
     CheckpointError,
     CheckpointMismatchError,
