@@ -31,8 +31,9 @@ import torch
 import torch.distributed as dist
 
 import util.misc as misc
-from util.checkpoint_io import SPLITS, eval_dataset, inherit_data_args, model_from_checkpoint
+from util.checkpoint_io import model_from_checkpoint
 from util.data.errors import DatasetError
+from util.data.evaluation import SPLITS, eval_dataset, inherit_data_args
 
 POOLS = ("mean", "cls")
 CHUNK_ROWS = 4096
@@ -302,7 +303,7 @@ def main(args):
     labels = np.asarray([label for _, label in samples], dtype=np.int64)
     paths = np.asarray([sample_path(files) for files, _ in samples])
     split_names = np.repeat(["train", "val"] if split == "trainval" else [split], [len(d) for d in datasets])
-    channel_names = getattr(datasets[0], "channel_names", None) or []
+    channel_names = datasets[0].channel_names or []
     arrays.update(
         labels=labels,
         paths=paths,

@@ -22,16 +22,15 @@ import models_vit
 import util.misc as misc
 from engine_finetune import evaluate, train_one_epoch
 from util.checkpoint_io import (
-    DATA_FLAGS,
     check_architecture,
     checkpoint_input_size,
     classifier_name,
     encoder_kwargs,
-    inherit_args,
     split_checkpoint,
 )
 from util.data.builders import build_dataset
 from util.data.errors import DatasetError
+from util.data.evaluation import DATA_FLAGS, inherit_args
 from util.data.stats import normalization_record
 from util.pos_embed import interpolate_pos_embed
 

@@ -16,8 +16,9 @@ import argparse
 import torch
 
 import util.misc as misc
-from util.checkpoint_io import SPLITS, eval_dataset, inherit_data_args, model_from_checkpoint
+from util.checkpoint_io import model_from_checkpoint
 from util.data.errors import DatasetError
+from util.data.evaluation import SPLITS, eval_dataset, inherit_data_args
 from util.vis import channel_labels, fixed_batch, mse_space, reconstruction_grid, save_png
 
 

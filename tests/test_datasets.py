@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 import models_chamae
-from util.checkpoint_io import inherit_data_args
 from util.data import readers
 from util.data import stats as data_stats
 from util.data.builders import build_dataset, build_pretrain_dataset
 from util.data.errors import CorruptFileError, DatasetError, MissingPathError, NonFinitePixelsError
+from util.data.evaluation import inherit_data_args
 from util.data.readers import read_header, read_image
 from util.data.stats import compute_channel_stats, write_channel_stats
 from util.data.transforms import build_transform

@@ -14,7 +14,8 @@ import extract_features
 import models_chamae
 import models_vit
 from extract_features import encode, group_means, knn_accuracy, knn_classify, merge_shards, open_array
-from util.checkpoint_io import eval_dataset, model_from_checkpoint
+from util.checkpoint_io import model_from_checkpoint
+from util.data.evaluation import eval_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 IHC = ROOT / "sample_data" / "ihc"

@@ -15,7 +15,8 @@ from PIL import Image
 import main_pretrain
 import models_chamae
 import visualize
-from util.checkpoint_io import eval_dataset, model_from_checkpoint
+from util.checkpoint_io import model_from_checkpoint
+from util.data.evaluation import eval_dataset
 from util.misc import CheckpointError
 from util.vis import (
     NORM_PIX_NOTE,

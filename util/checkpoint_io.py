@@ -1,4 +1,4 @@
-"""Inference-time loading for visualize.py and extract_features.py: models from checkpoints, evaluation data.
+"""Inference-time loading for visualize.py and extract_features.py: models from checkpoints.
 
 Checkpoints: `model_from_checkpoint` rebuilds a model from ours or the published MAE formats.
 
@@ -10,13 +10,10 @@ Formats read:
   ``argparse.Namespace``; these need the model name from the caller when ``args`` is missing;
 - a bare state dict.
 
-Data: `eval_dataset` gives a split with the deterministic evaluation transform (resize + center crop +
-normalise) even where training would augment, with data flags inherited from the checkpoint's args.
-
 Layer shapes (widths, depths, patch size, image size, channel count, decoder kind) are read from the tensors
 themselves, so only what tensors cannot tell (the number of heads) comes from the model name and ``args``.
-Files are read with ``util.misc.load_checkpoint``; problems the user can fix raise ``util.misc.CheckpointError``
-(or ``RunError``), which ``util.misc.run_main`` prints without a traceback.
+Files are read with ``util.misc.load_checkpoint``; problems the user can fix raise ``util.misc.CheckpointError``,
+which ``util.misc.run_main`` prints without a traceback.
 """
 
 import argparse
@@ -25,17 +22,13 @@ import re
 
 import torch
 from timm.models import clean_state_dict
-from torchvision.transforms import v2
 
 import models_chamae
 import models_mae
 import models_vit
-from util.data.builders import build_dataset, build_pretrain_dataset
-from util.data.transforms import build_transform
 from util.misc import (
     CheckpointError,
     CheckpointMismatchError,
-    RunError,
     check_state_dict,
     load_checkpoint,
     parse_model_kwargs,
@@ -296,52 +289,3 @@ def model_from_checkpoint(path, model=None, input_size=None, encoder_only=False,
     epoch = checkpoint.get("epoch")
     epoch = epoch if isinstance(epoch, int) else None
     return net, dict(name=name, kind="pretrain" if pretrain else "classifier", args=args, epoch=epoch)
-
-
-DATA_FLAGS = ("data_path", "channels", "mean", "std", "channel_stats", "channel_axis", "nan_fill")
-"""Data flags that default to the values the checkpoint was trained with."""
-
-SPLITS = ("pretrain", "train", "val")
-
-
-def inherit_args(args, checkpoint_args, flags):
-    """Set each of ``flags`` that ``args`` leaves unset (None) to the checkpoint's value; returns those it set."""
-    taken = []
-    for key in flags:
-        if getattr(args, key, None) is None and checkpoint_args.get(key) is not None:
-            setattr(args, key, checkpoint_args[key])
-            taken.append(key)
-    return taken
-
-
-def inherit_data_args(args, checkpoint_args, model):
-    """Fill unset (None) data flags of `args` from the checkpoint's args; input_size from the model."""
-    inherit_args(args, checkpoint_args, DATA_FLAGS)
-    args.input_size = model.patch_embed.img_size[0]
-    if not args.data_path:
-        raise RunError("--data_path is required (the checkpoint records none)")
-    return args
-
-
-def eval_dataset(args, split="pretrain"):
-    """A dataset of --data_path with the evaluation transform.
-
-    split: 'pretrain' (the pretraining layout: a CSV, root/train.csv, root/train/ or root/; labels -1), 'train'
-    or 'val' (labelled class folders or {train,val}.csv; 'train' also needs the val split, whose evaluation
-    transform it borrows: both normalise with the same statistics).
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
-    if split == "pretrain":
-        dataset = build_pretrain_dataset(args)
-        normalize = dataset.transform.transforms[-1]
-        if not isinstance(normalize, v2.Normalize):
-            raise TypeError(f"expected the pretraining transform to end with v2.Normalize, got {normalize}")
-        dataset.transform = build_transform(False, args, mean=normalize.mean, std=normalize.std)
-        return dataset
-    dataset = build_dataset(False, args)
-    if split == "train":
-        train = build_dataset(True, args)
-        train.transform = dataset.transform
-        dataset = train
-    return dataset

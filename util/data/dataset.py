@@ -34,6 +34,8 @@ class MultiChannelDataset(torch.utils.data.Dataset):
 
     samples: [(path, label)] or [([path per channel], label)]; channel_ids: the channels read, in order, out
     of num_channels in the files. Without a transform an item is the raw float32 tensor (C', H, W).
+    ``mean``, ``std`` (raw units, per channel read) and ``norm_source`` are the normalisation the builders chose
+    (None for a raw dataset); ``channel_names`` names the files' channels (None when nothing names them).
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class MultiChannelDataset(torch.utils.data.Dataset):
         self.skip_bad_samples = skip_bad_samples
         self.channel_axis = channel_axis
         self.nan_fill = nan_fill
+        self.mean = self.std = self.norm_source = None  # set by the builders (util.data.builders)
         self.num_dropped = 0  # samples left out at build time by skip_bad_samples (set by _build)
         self._num_skipped = multiprocessing.Value("q", 0)  # shared with the DataLoader workers
 
