@@ -3,6 +3,7 @@
 ``--channels 0,2,4`` keeps those channel ids, in that order, at read time (CSV: column order).
 """
 
+from util.data.config import DataConfig
 from util.data.errors import DatasetError
 from util.data.layouts import describe_files
 
@@ -33,15 +34,15 @@ def parse_channels(value):
     return ids
 
 
-def select_channel_ids(args, num_channels, example):
+def select_channel_ids(config: DataConfig, num_channels: int, example) -> list:
     """The channel ids to read (``--channels``, default all), checked against ``--in_chans``; ``example`` is a
     sample's file(s), named in the error."""
-    ids = parse_channels(getattr(args, "channels", None))
+    ids = parse_channels(config.channels)
     if ids is None:
         ids = list(range(num_channels))
     elif max(ids) >= num_channels:
         raise DatasetError(f"--channels {ids} asks for channel {max(ids)} but the data have {num_channels} channels")
-    in_chans = getattr(args, "in_chans", None)
+    in_chans = config.in_chans
     if in_chans is not None and in_chans != len(ids):
         raise DatasetError(
             f"--in_chans {in_chans} does not match the data: {len(ids)} of {num_channels} channels are used "

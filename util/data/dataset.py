@@ -4,7 +4,6 @@ A file that fails to decode after the build is, with ``--skip_bad_samples``, rep
 counted in ``dataset.num_skipped`` (a counter shared by the process and its DataLoader workers).
 """
 
-import argparse
 import logging
 import multiprocessing
 
@@ -12,21 +11,13 @@ import numpy as np
 import torch
 
 from util.data.channels import read_channel_names
+from util.data.config import DataConfig
 from util.data.errors import CorruptFileError, DatasetError
 from util.data.layouts import resolve_data_path, stats_folder, unlabelled_samples
 from util.data.readers import fill_non_finite, read_array
 from util.data.validate import validate_samples
 
 logger = logging.getLogger(__name__)
-
-
-def reading_kwargs(args):
-    """MultiChannelDataset keywords of the reading flags --skip_bad_samples, --channel_axis and --nan_fill."""
-    return {
-        "skip_bad_samples": getattr(args, "skip_bad_samples", False),
-        "channel_axis": getattr(args, "channel_axis", None),
-        "nan_fill": getattr(args, "nan_fill", None),
-    }
 
 
 class MultiChannelDataset(torch.utils.data.Dataset):
@@ -114,15 +105,16 @@ class MultiChannelDataset(torch.utils.data.Dataset):
 
 def build_raw_dataset(data_path, skip_bad_samples=False, allow_mixed_sizes=False, channel_axis=None, nan_fill=None):
     """All channels of the pretraining samples of data_path, untransformed (for statistics)."""
-    args = argparse.Namespace(
+    config = DataConfig(
+        data_path=data_path,
         skip_bad_samples=skip_bad_samples,
         allow_mixed_sizes=allow_mixed_sizes,
         channel_axis=channel_axis,
         nan_fill=nan_fill,
     )
-    path = resolve_data_path(argparse.Namespace(data_path=data_path))
+    path = resolve_data_path(config)
     samples, names = unlabelled_samples(path)
-    samples, shape, dtypes = validate_samples(samples, args, f"--data_path {path}")
+    samples, shape, dtypes = validate_samples(samples, config, f"--data_path {path}")
     names = read_channel_names(stats_folder(path), names, shape[0])
     return MultiChannelDataset(
         samples,
@@ -131,5 +123,5 @@ def build_raw_dataset(data_path, skip_bad_samples=False, allow_mixed_sizes=False
         num_channels=shape[0],
         dtypes=dtypes,
         channel_names=names,
-        **reading_kwargs(args),
+        **config.reading_kwargs(),
     )

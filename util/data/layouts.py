@@ -19,6 +19,7 @@ import logging
 import os
 from pathlib import Path
 
+from util.data.config import DataConfig
 from util.data.errors import DatasetError, MissingPathError
 from util.data.readers import IMAGE_SUFFIXES
 
@@ -133,8 +134,8 @@ def unlabelled_samples(path):
     return [(file, -1) for file in _scan(folder)], None
 
 
-def resolve_data_path(args):
-    value = getattr(args, "data_path", None)
+def resolve_data_path(config: DataConfig) -> Path:
+    value = config.data_path
     if not value:
         raise DatasetError("--data_path is required")
     path = Path(value)

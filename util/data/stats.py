@@ -24,7 +24,8 @@ import numpy as np
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import util.misc as misc
-from util.data.dataset import MultiChannelDataset, build_raw_dataset, reading_kwargs
+from util.data.config import DataConfig
+from util.data.dataset import MultiChannelDataset, build_raw_dataset
 from util.data.errors import CorruptFileError, DatasetError, MissingPathError, NonFinitePixelsError
 from util.data.layouts import stats_folder
 from util.data.readers import NAN_HINT, PIL_SUFFIXES
@@ -213,9 +214,9 @@ def _positive_std(std):
     return [s if s > 0 else 1.0 for s in std]
 
 
-def estimate_mean_std(samples, ids, num_channels, source, args):
+def estimate_mean_std(samples, ids, num_channels: int, source: str, config: DataConfig):
     subset = _evenly_spaced(samples, ESTIMATE_SAMPLES)
-    dataset = MultiChannelDataset(subset, [], ids, num_channels=num_channels, **reading_kwargs(args))
+    dataset = MultiChannelDataset(subset, [], ids, num_channels=num_channels, **config.reading_kwargs())
     stats = compute_channel_stats(dataset, percentiles=False)
     logger.warning(
         "%s: no --mean/--std, --channel_stats or %s; normalising with mean/std estimated from %d of %d training "
@@ -259,19 +260,21 @@ def recorded_mean_std(record, ids, num_channels, dtypes):
     return [record["mean"][row[c]] for c in ids], [record["std"][row[c]] for c in ids]
 
 
-def resolve_mean_std(args, stats_dir, ids, num_channels, dtypes, estimate, *, rgb=False, checkpoint=None):
+def resolve_mean_std(
+    config: DataConfig, stats_dir: Path, ids, num_channels: int, dtypes, estimate, *, rgb=False, checkpoint=None
+):
     """Per-channel (mean, std) in raw pixel units and where they came from, by the policy in the module docstring.
 
     rgb: whether the data are 8-bit RGB images (``is_rgb``); checkpoint: the (mean, std) a checkpoint recorded for
     these channels (``recorded_mean_std``), or None.
     """
-    mean, std = parse_floats(getattr(args, "mean", None), "--mean"), parse_floats(getattr(args, "std", None), "--std")
+    mean, std = parse_floats(config.mean, "--mean"), parse_floats(config.std, "--std")
     if (mean is None) != (std is None):
         raise DatasetError("--mean and --std must be given together")
     if mean is not None:
         mean, std = _per_channel(mean, "--mean", ids, num_channels), _per_channel(std, "--std", ids, num_channels)
         return mean, _positive_std(std), "--mean/--std"
-    explicit = getattr(args, "channel_stats", None)
+    explicit = config.channel_stats
     stats_path = Path(explicit) if explicit else stats_dir / STATS_FILENAME
     if explicit or stats_path.is_file():
         stats = load_channel_stats(stats_path)

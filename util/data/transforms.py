@@ -12,6 +12,7 @@ from PIL import Image
 from timm.data import create_transform
 from torchvision.transforms import v2
 
+from util.data.config import DataConfig
 from util.data.errors import DatasetError
 from util.data.stats import parse_floats
 
@@ -21,28 +22,28 @@ def _uint8_tensor_to_pil(x):
     return Image.fromarray(np.ascontiguousarray(x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()))
 
 
-def _timm_rgb_transform(args, size, mean, std):
+def _timm_rgb_transform(config: DataConfig, mean, std):
     """timm's ImageNet fine-tuning pipeline for 3-channel 8-bit data; mean/std in 0..255 units."""
     timm_transform = create_transform(
-        input_size=size,
+        input_size=config.input_size,
         is_training=True,
-        color_jitter=getattr(args, "color_jitter", None),
-        auto_augment=getattr(args, "aa", None),
+        color_jitter=config.color_jitter,
+        auto_augment=config.aa,
         interpolation="bicubic",
-        re_prob=getattr(args, "reprob", 0.0),
-        re_mode=getattr(args, "remode", "pixel"),
-        re_count=getattr(args, "recount", 1),
-        scale=_crop_scale(args, pretrain=False),
-        hflip=getattr(args, "hflip", 0.5),
+        re_prob=config.reprob,
+        re_mode=config.remode,
+        re_count=config.recount,
+        scale=_crop_scale(config, pretrain=False),
+        hflip=config.hflip,
         mean=tuple(m / 255 for m in mean),
         std=tuple(s / 255 for s in std),
     )
     return v2.Compose([_uint8_tensor_to_pil, timm_transform])
 
 
-def _crop_scale(args, pretrain):
+def _crop_scale(config: DataConfig, pretrain: bool):
     """RandomResizedCrop area range: ``--scale MIN MAX``, else MAE's (0.2, 1) for pretraining, (0.08, 1) otherwise."""
-    scale = getattr(args, "scale", None)
+    scale = config.scale
     if scale is None:
         return (0.2, 1.0) if pretrain else (0.08, 1.0)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
@@ -58,21 +59,23 @@ def build_transform(is_train, args, pretrain=False, *, mean=None, std=None, uint
     input_size / 0.875 (to input_size when it is above 224, as MAE does) + center crop. Bicubic, antialiased.
     ``--scale MIN MAX`` replaces the crop's area range and ``--hflip P`` the flip probability (timm's flags);
     ``--vflip`` adds a vertical flip to training. mean/std (raw pixel units) default to --mean/--std.
+    args: an argparse namespace or a ``DataConfig``.
     """
-    size = getattr(args, "input_size", 224)
-    mean = mean if mean is not None else parse_floats(getattr(args, "mean", None), "--mean")
-    std = std if std is not None else parse_floats(getattr(args, "std", None), "--std")
+    config = DataConfig.from_args(args)
+    size = config.input_size
+    mean = mean if mean is not None else parse_floats(config.mean, "--mean")
+    std = std if std is not None else parse_floats(config.std, "--std")
     if mean is None or std is None:
         raise DatasetError("build_transform needs --mean and --std (or use build_dataset, which resolves them)")
     bicubic = v2.InterpolationMode.BICUBIC
     if is_train and not pretrain and uint8_rgb:
-        return _timm_rgb_transform(args, size, mean, std)
+        return _timm_rgb_transform(config, mean, std)
     if is_train:
         ops = [
-            v2.RandomResizedCrop(size, scale=_crop_scale(args, pretrain), interpolation=bicubic, antialias=True),
-            v2.RandomHorizontalFlip(getattr(args, "hflip", 0.5)),
+            v2.RandomResizedCrop(size, scale=_crop_scale(config, pretrain), interpolation=bicubic, antialias=True),
+            v2.RandomHorizontalFlip(config.hflip),
         ]
-        ops += [v2.RandomVerticalFlip()] if getattr(args, "vflip", False) else []
+        ops += [v2.RandomVerticalFlip()] if config.vflip else []
     else:
         crop_pct = 224 / 256 if size <= 224 else 1.0
         ops = [v2.Resize(int(size / crop_pct), interpolation=bicubic, antialias=True), v2.CenterCrop(size)]

@@ -11,6 +11,7 @@ import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+from util.data.config import DataConfig
 from util.data.errors import DatasetError
 from util.data.layouts import as_list, describe_files
 from util.data.readers import IMAGE_SUFFIXES, header_or_error
@@ -59,11 +60,11 @@ def _header_problem(path, header):
     return None
 
 
-def validate_samples(samples, args, source):
+def validate_samples(samples, config: DataConfig, source: str):
     """Read every file header; return (kept samples, (C, H, W) of the first sample, set of dtype names)."""
-    skip = getattr(args, "skip_bad_samples", False)
+    skip = config.skip_bad_samples
     paths = sorted({path for files, _ in samples for path in as_list(files)})
-    axis = getattr(args, "channel_axis", None)
+    axis = config.channel_axis
     with ThreadPoolExecutor(HEADER_THREADS) as pool:
         headers = dict(zip(paths, pool.map(header_or_error, paths, itertools.repeat(axis))))
     kept, first, expected, dtypes = [], None, None, set()
@@ -78,7 +79,7 @@ def validate_samples(samples, args, source):
         shape = _sample_shape(files, sample_headers)
         if first is None:
             first, expected = files, shape
-        _check_same_shape(shape, first, files, expected, getattr(args, "allow_mixed_sizes", False))
+        _check_same_shape(shape, first, files, expected, config.allow_mixed_sizes)
         dtypes.update(h.dtype.name for h in sample_headers)
         kept.append((files, label))
     if not kept:
