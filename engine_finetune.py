@@ -10,7 +10,8 @@ import util.lr_sched as lr_sched
 from util.amp import NativeScaler, autocast, maybe_no_sync
 from util.checkpoint import load_model, save_model, save_stopped
 from util.cli import describe_dataset, end_training
-from util.datasets import build_dataset, normalization_record
+from util.data.builders import build_dataset
+from util.data.stats import normalization_record
 from util.distributed import cleanup_distributed, is_dist_avail_and_initialized, reduction_device
 from util.loaders import build_eval_loader, build_train_loader, set_loader_epoch
 from util.metric_log import (

@@ -31,9 +31,9 @@ import torch.distributed as dist
 
 from models_checkpoint import model_from_checkpoint
 from util.amp import AMP_DTYPES, autocast
-from util.checkpoint_io import SPLITS, eval_dataset, inherit_data_args
 from util.cli import add_distributed_args, add_reading_args, parse_model_kwargs, run_main
-from util.datasets import DatasetError
+from util.data.errors import DatasetError
+from util.data.evaluation import SPLITS, eval_dataset, inherit_data_args
 from util.distributed import (
     cleanup_distributed,
     default_device,
@@ -187,7 +187,7 @@ def main(args):
     labels = np.asarray([label for _, label in samples], dtype=np.int64)
     paths = np.asarray([sample_path(files) for files, _ in samples])
     split_names = np.repeat(["train", "val"] if split == "trainval" else [split], [len(d) for d in datasets])
-    channel_names = getattr(datasets[0], "channel_names", None) or []
+    channel_names = datasets[0].channel_names or []
     arrays.update(
         labels=labels,
         paths=paths,

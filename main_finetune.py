@@ -17,7 +17,7 @@ from models_checkpoint import build_classifier, load_pretrained
 from models_flags import CHECKPOINT_EPILOG, add_model_args, resolve_checkpoint_flags
 from util.amp import NativeScaler
 from util.cli import add_common_args, describe_optimizer, run_main, setup_run
-from util.datasets import DatasetError
+from util.data.errors import DatasetError
 from util.distributed import wrap_model
 from util.optim import scale_lr
 

@@ -19,7 +19,7 @@ from models_checkpoint import build_classifier, load_pretrained
 from models_flags import CHECKPOINT_EPILOG, DEFAULTS, add_model_args, resolve_checkpoint_flags
 from util.amp import NativeScaler
 from util.cli import add_common_args, describe_optimizer, run_main, setup_run
-from util.datasets import DatasetError
+from util.data.errors import DatasetError
 from util.distributed import wrap_model
 from util.lars import LARS
 from util.optim import scale_lr

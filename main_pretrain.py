@@ -24,7 +24,9 @@ from util.cli import (
     run_main,
     setup_run,
 )
-from util.datasets import DatasetError, build_pretrain_dataset, normalization_record
+from util.data.builders import build_pretrain_dataset
+from util.data.errors import DatasetError
+from util.data.stats import normalization_record
 from util.distributed import is_main_process, wrap_model
 from util.errors import RunError
 from util.loaders import build_train_loader, set_loader_epoch

@@ -12,8 +12,8 @@ from models_checkpoint import (
     load_state_dict_from,
 )
 from util.checkpoint import resolve_resume
-from util.checkpoint_io import DATA_FLAGS, inherit_args
 from util.cli import parse_model_kwargs
+from util.data.evaluation import DATA_FLAGS, inherit_args
 from util.errors import CheckpointError, RunError
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))

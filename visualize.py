@@ -16,9 +16,9 @@ import argparse
 import torch
 
 from models_checkpoint import model_from_checkpoint
-from util.checkpoint_io import SPLITS, eval_dataset, inherit_data_args
 from util.cli import add_reading_args, parse_model_kwargs, run_main
-from util.datasets import DatasetError
+from util.data.errors import DatasetError
+from util.data.evaluation import SPLITS, eval_dataset, inherit_data_args
 from util.distributed import default_device
 from util.errors import CheckpointError
 from util.vis import channel_labels, fixed_batch, mse_space, reconstruction_grid, save_png

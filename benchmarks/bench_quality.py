@@ -52,8 +52,9 @@ from torchvision.transforms import v2  # noqa: E402
 import main_pretrain  # noqa: E402
 from models_checkpoint import build_pretrain_model, model_from_checkpoint  # noqa: E402
 from util.checkpoint import args_to_dict  # noqa: E402
-from util.checkpoint_io import eval_dataset, inherit_data_args  # noqa: E402
-from util.datasets import build_pretrain_dataset, read_image  # noqa: E402
+from util.data.builders import build_pretrain_dataset  # noqa: E402
+from util.data.evaluation import eval_dataset, inherit_data_args  # noqa: E402
+from util.data.readers import read_image  # noqa: E402
 from util.features import encode, knn_accuracy  # noqa: E402
 from util.rng import seed_everything  # noqa: E402
 from util.vis import target_space_error, token_to_pixel_mask  # noqa: E402
@@ -325,17 +326,12 @@ def evaluate_ihc(args, ckpt, heldout_csv):
     data = data_args(info, model)
     data.data_path = str(heldout_csv)
     dataset = build_pretrain_dataset(data)
-    normalize = dataset.transform.transforms[-1]
-    if not isinstance(normalize, v2.Normalize):
-        raise TypeError(f"expected the pretraining transform to end with v2.Normalize, got {normalize}")
-    dataset.transform = normalize
+    dataset.transform = v2.Normalize(dataset.mean, dataset.std)
     imgs, _ = stack(dataset)
     channel_ids = torch.as_tensor(dataset.channel_ids, device=device)
     errors = masked_mse(model, imgs.to(device), channel_ids, args.mask_ratio, args.mask_draws)
     names_file = Path(args.ihc_dir) / "channels.txt"
-    all_names = getattr(dataset, "channel_names", None) or (
-        names_file.read_text().split() if names_file.is_file() else []
-    )
+    all_names = dataset.channel_names or (names_file.read_text().split() if names_file.is_file() else [])
     names = [all_names[c] if c < len(all_names) else f"ch{c}" for c in dataset.channel_ids]
     return dict(
         ihc_mse=errors["mse"],

@@ -17,22 +17,15 @@ import torch
 from PIL import Image
 
 import models_chamae
-from util import datasets
-from util.checkpoint_io import inherit_data_args
 from util.cli import add_common_args
-from util.datasets import (
-    CorruptFileError,
-    DatasetError,
-    MissingPathError,
-    NonFinitePixelsError,
-    build_dataset,
-    build_pretrain_dataset,
-    build_transform,
-    compute_channel_stats,
-    read_header,
-    read_image,
-    write_channel_stats,
-)
+from util.data import readers
+from util.data import stats as data_stats
+from util.data.builders import build_dataset, build_pretrain_dataset
+from util.data.errors import CorruptFileError, DatasetError, MissingPathError, NonFinitePixelsError
+from util.data.evaluation import inherit_data_args
+from util.data.readers import read_header, read_image
+from util.data.stats import compute_channel_stats, write_channel_stats
+from util.data.transforms import build_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data"
@@ -136,9 +129,9 @@ def test_ambiguous_channel_axis_needs_the_flag(tmp_path, shape, suffix):
 
 
 def stats_cli(*argv):
-    """``python -m util.datasets stats ARGV`` in this process -> 0 or its ``ERROR: ...`` exit message."""
+    """``python -m util.data.stats ARGV`` in this process -> 0 or its ``ERROR: ...`` exit message."""
     try:
-        datasets.main(["stats", *map(str, argv)])
+        data_stats.main([*map(str, argv)])
     except SystemExit as exit:
         return exit.code
     return 0
@@ -181,7 +174,7 @@ def test_png_gray_rgb_and_16bit(tmp_path):
     np.testing.assert_array_equal(read_image(tmp_path / "rgb.png"), rgb.transpose(2, 0, 1))
     np.testing.assert_array_equal(read_image(tmp_path / "gray16.png"), gray16[None])
     assert read_image(tmp_path / "gray16.png").max() > 255
-    assert read_header(tmp_path / "rgb.png") == datasets.Header((3, 10, 12), np.dtype("uint8"))
+    assert read_header(tmp_path / "rgb.png") == readers.Header((3, 10, 12), np.dtype("uint8"))
     assert read_header(tmp_path / "gray16.png").dtype == np.uint16
 
 
@@ -190,7 +183,7 @@ def test_png_16bit_colour_keeps_range(tmp_path):
     rgb16 = stack(3, 8, 9).transpose(1, 2, 0).copy()
     (tmp_path / "rgb16.png").write_bytes(imagecodecs.png_encode(rgb16))
     np.testing.assert_array_equal(read_image(tmp_path / "rgb16.png"), rgb16.transpose(2, 0, 1))
-    assert read_header(tmp_path / "rgb16.png") == datasets.Header((3, 8, 9), np.dtype("uint16"))
+    assert read_header(tmp_path / "rgb16.png") == readers.Header((3, 8, 9), np.dtype("uint16"))
 
 
 def test_jpeg(tmp_path):
@@ -293,7 +286,7 @@ def test_stats_float_subsample(tmp_path, monkeypatch):
     pixels = concat_pixels(arrays)
     exact = write_channel_stats(tmp_path)
     np.testing.assert_allclose(exact["p99"], np.percentile(pixels, 99, axis=1), rtol=1e-6)
-    monkeypatch.setattr(datasets, "PERCENTILE_SAMPLE_SIZE", 4000)
+    monkeypatch.setattr(data_stats, "PERCENTILE_SAMPLE_SIZE", 4000)
     sampled = write_channel_stats(tmp_path)
     np.testing.assert_allclose(sampled["mean"], pixels.mean(1), rtol=1e-6)
     np.testing.assert_allclose(sampled["std"], pixels.std(1), rtol=1e-6)
@@ -305,7 +298,7 @@ def test_stats_float_subsample(tmp_path, monkeypatch):
 def test_stats_cli(tmp_path):
     tiff_folder(tmp_path / "data" / "train", n=3, c=2)
     out = tmp_path / "stats.json"
-    cmd = [sys.executable, "-m", "util.datasets", "stats", "--data_path", str(tmp_path / "data"), "--out", str(out)]
+    cmd = [sys.executable, "-m", "util.data.stats", "--data_path", str(tmp_path / "data"), "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     assert len(json.loads(out.read_text())["std"]) == 2
 
@@ -357,7 +350,7 @@ def normalize_of(ds):
 
 def test_normalisation_policy(tmp_path, caplog):
     tiff_folder(tmp_path, n=4, c=3)
-    with caplog.at_level(logging.WARNING, logger="util.datasets"):
+    with caplog.at_level(logging.WARNING, logger="util.data"):
         estimated = build_pretrain_dataset(args(tmp_path))
     assert "estimated from 4 of 4" in caplog.text
     exact = compute_channel_stats(build_pretrain_dataset(args(tmp_path, mean=[0] * 3, std=[1] * 3)), percentiles=False)
@@ -417,7 +410,7 @@ def test_three_8bit_bands_are_not_taken_for_rgb(tmp_path, caplog):
             for i in range(2):
                 np.save(tmp_path / split / cls / f"{i}.npy", rng.integers(0, 256, (3, 40, 36), dtype=np.uint8))
     rgb_args = args(tmp_path, aa="rand-m9-mstd0.5-inc1", color_jitter=None, reprob=0.25, remode="pixel", recount=1)
-    with caplog.at_level(logging.WARNING, logger="util.datasets"):
+    with caplog.at_level(logging.WARNING, logger="util.data"):
         bands = build_dataset(True, rgb_args)
     assert "RandAugment" not in repr(bands.transform) and "RandomResizedCrop" in repr(bands.transform)
     assert bands.norm_source == "mean/std estimated from training samples"

@@ -14,7 +14,7 @@ import extract_features
 import models_chamae
 import models_vit
 from models_checkpoint import model_from_checkpoint
-from util.checkpoint_io import eval_dataset
+from util.data.evaluation import eval_dataset
 from util.features import encode, group_means, knn_accuracy, knn_classify, merge_shards, open_array
 
 ROOT = Path(__file__).resolve().parents[1]

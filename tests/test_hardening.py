@@ -39,7 +39,7 @@ import models_checkpoint
 import models_mae
 import models_vit
 from util.checkpoint import find_latest_checkpoint, load_checkpoint
-from util.datasets import build_pretrain_dataset
+from util.data.builders import build_pretrain_dataset
 from util.errors import CheckpointError, CheckpointMismatchError
 from util.loaders import EpochSampler
 from util.output_dir import LOCK_FILENAME, lock_output_dir, release_output_dir

@@ -1,4 +1,4 @@
-"""Reconstruction grids (util/vis.py), visualize.py, checkpoint loading (util/checkpoint_io.py), plot_logs.py."""
+"""Reconstruction grids (util/vis.py), visualize.py, checkpoint loading (models_checkpoint.py), plot_logs.py."""
 
 import builtins
 import json
@@ -16,7 +16,7 @@ import main_pretrain
 import models_chamae
 import visualize
 from models_checkpoint import model_from_checkpoint
-from util.checkpoint_io import eval_dataset
+from util.data.evaluation import eval_dataset
 from util.errors import CheckpointError
 from util.vis import (
     NORM_PIX_NOTE,

@@ -13,7 +13,7 @@ ihc/     skimage.data.immunohistochemistry() (512 x 512 RGB, uint8) plus its H/E
 digits/  sklearn.datasets.load_digits() (1797 images, 8 x 8, values 0..16) -> x 255/16, bilinear upsampling
          to 32 x 32 (PIL), rounded to uint8 grayscale PNG; stratified 80/20 train/val split with seed 0;
          digits/{train,val}/<digit>/NNNN.png where NNNN is the image's index in load_digits().
-Each folder also gets channel_stats.json, written by ``python -m util.datasets stats`` (training split only).
+Each folder also gets channel_stats.json, written by ``python -m util.data.stats`` (training split only).
 """
 
 import argparse
@@ -81,7 +81,7 @@ def write_digits(out):
 
 
 def write_stats(folder):
-    subprocess.run([sys.executable, "-m", "util.datasets", "stats", "--data_path", str(folder)], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "util.data.stats", "--data_path", str(folder)], cwd=ROOT, check=True)
 
 
 def main():

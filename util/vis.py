@@ -315,7 +315,7 @@ def fixed_batch(dataset, n, seed=0):
 
 def channel_labels(dataset):
     """Row labels of the dataset's selected channels: names from the dataset, else 'ch<id>'."""
-    names = getattr(dataset, "channel_names", None)
+    names = dataset.channel_names
     return [names[c] if names and c < len(names) else f"ch{c}" for c in dataset.channel_ids]
 
 

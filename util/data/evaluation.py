@@ -1,12 +1,11 @@
-"""Evaluation data for inference scripts (visualize.py, extract_features.py): data flags from a checkpoint's args.
+"""Evaluation data: a checkpoint's data flags for unset ones, and datasets with the evaluation transform.
 
 `eval_dataset` gives a split with the deterministic evaluation transform (resize + center crop + normalise) even
 where training would augment, with data flags inherited from the checkpoint's args (`inherit_data_args`).
 """
 
-from torchvision.transforms import v2
-
-from util.datasets import build_dataset, build_pretrain_dataset, build_transform
+from util.data.builders import build_dataset, build_pretrain_dataset
+from util.data.transforms import build_transform
 from util.errors import RunError
 
 DATA_FLAGS = ("data_path", "channels", "mean", "std", "channel_stats", "channel_axis", "nan_fill")
@@ -45,10 +44,7 @@ def eval_dataset(args, split="pretrain"):
         raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
     if split == "pretrain":
         dataset = build_pretrain_dataset(args)
-        normalize = dataset.transform.transforms[-1]
-        if not isinstance(normalize, v2.Normalize):
-            raise TypeError(f"expected the pretraining transform to end with v2.Normalize, got {normalize}")
-        dataset.transform = build_transform(False, args, mean=normalize.mean, std=normalize.std)
+        dataset.transform = build_transform(False, args, mean=dataset.mean, std=dataset.std)
         return dataset
     dataset = build_dataset(False, args)
     if split == "train":
