@@ -2,98 +2,36 @@
 training loop shared by main_finetune and main_linprobe."""
 
 import json
-import time
 
 import torch
 
-import util.lr_sched as lr_sched
-from util.amp import NativeScaler, autocast, maybe_no_sync
-from util.checkpoint import load_model, save_model, save_stopped
-from util.cli import describe_dataset, end_training
+from util.amp import autocast
+from util.cli import describe_dataset
 from util.data.builders import build_dataset
 from util.data.stats import normalization_record
 from util.distributed import cleanup_distributed, is_dist_avail_and_initialized, reduction_device
-from util.loaders import build_eval_loader, build_train_loader, set_loader_epoch
-from util.metric_log import (
-    LossTracker,
-    MetricLogger,
-    SmoothedValue,
-    log_train_step,
-    open_log_writer,
-    skip_stats,
-    write_log,
-)
-from util.preemption import (
-    TrainingStopped,
-    install_stop_handlers,
-    restore_meters,
-    resume_progress,
-    stop_after_epoch,
-    stop_if_requested,
-)
+from util.loaders import build_eval_loader, build_train_loader
+from util.metric_log import MetricLogger
+from util.trainer import TrainState, resume, train_epoch
+from util.trainer import fit as trainer_fit
 
 
-def train_one_epoch(
-    model: torch.nn.Module,
-    criterion: torch.nn.Module,
-    data_loader,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    epoch: int,
-    loss_scaler: NativeScaler,
-    max_norm: float | None = None,
-    mixup_fn=None,
-    log_writer=None,
-    args=None,
-    channel_ids: torch.Tensor | None = None,
-    progress: dict | None = None,
-) -> dict:
-    """Train for one epoch; returns the epoch averages ``{'loss': ..., 'lr': ..., 'grad_norm': ...}``.
+def train_one_epoch(state: TrainState, data_loader, epoch: int, criterion: torch.nn.Module, mixup_fn=None) -> dict:
+    """Train for one epoch (``util.trainer.train_epoch``); returns the epoch averages ``{'lr', 'loss', 'grad_norm'}``.
 
     Batches are (imgs (N, C, H, W), labels (N,)); ``mixup_fn`` turns labels into soft targets (N, num_classes).
-    ``channel_ids`` (C,) names the input planes. The criterion runs on float32 logits. Losses and gradient norms
-    (before clipping) stay on the device between logging steps (``LossTracker``); a NaN/inf loss raises
-    ``NonFiniteLossError``.
-    ``progress`` (of a checkpoint saved mid-epoch, ``resume_progress``) continues the epoch at its step; a
-    stop signal (``install_stop_handlers``) raises ``TrainingStopped`` after an optimizer step.
+    ``state.channel_ids`` (C,) names the input planes. The criterion runs on float32 logits, outside autocast.
     """
-    model.train(True)
-    metric_logger = MetricLogger(delimiter="  ")
-    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
-    header = f"Epoch: [{epoch}]"
-    print_freq = args.print_freq
-    accum_iter = args.accum_iter
-    start_step = restore_meters(metric_logger, progress)
-    num_steps = start_step + len(data_loader)
-    tracker = LossTracker(device, epoch)
-    lr = optimizer.param_groups[0]["lr"]
+    args = state.args
 
-    optimizer.zero_grad(set_to_none=True)
-    for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header), start_step):
-        if step % accum_iter == 0:
-            lr = lr_sched.adjust_learning_rate(optimizer, epoch + step / num_steps, args)
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+    def batch_loss(samples, targets):
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
-        update = (step + 1) % accum_iter == 0
-        with maybe_no_sync(model, not update):
-            with autocast(device, args.amp):
-                outputs = model(samples, channel_ids=channel_ids)
-            loss = criterion(outputs.float(), targets)  # softmax and means in float32 whatever the autocast dtype
-            grad_norm = loss_scaler(
-                loss / accum_iter, optimizer, clip_grad=max_norm, parameters=model.parameters(), update_grad=update
-            )
-        if update:
-            optimizer.zero_grad(set_to_none=True)
-        tracker.update(loss, step, grad_norm)
+        with autocast(state.device, args.amp):
+            outputs = state.model(samples, channel_ids=state.channel_ids)
+        return criterion(outputs.float(), targets)  # softmax and means in float32 whatever the autocast dtype
 
-        log_train_step(step, num_steps, epoch, lr, tracker, metric_logger, log_writer, print_freq)
-        if update and step + 1 < num_steps:  # a stop at the last step is handled once the epoch is saved
-            stop_if_requested(epoch, step, tracker, metric_logger, data_loader.batch_size)
-
-    print("Averaged stats:", metric_logger)
-    return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+    return train_epoch(state, data_loader, epoch, batch_loss)
 
 
 @torch.no_grad()
@@ -156,77 +94,28 @@ def build_data(args, device, checkpoint_stats: dict | None = None):
     return dataset_train, loader_train, loader_val, channel_ids
 
 
-def fit(args, model, model_without_ddp, eval_model, criterion, optimizer, loss_scaler, data, device, mixup_fn=None):
-    """Resume if asked, then evaluate once (``--eval``) or train, evaluating and checkpointing every epoch.
+def fit(state: TrainState, data, criterion: torch.nn.Module, mixup_fn=None) -> dict:
+    """Resume if asked, then evaluate once (``--eval``) or train (``util.trainer.fit``), evaluating and
+    checkpointing every epoch and keeping ``checkpoint-best.pth`` for the best top-1 accuracy.
 
-    ``model`` is the training module (maybe DDP / compiled), ``eval_model`` the same weights without DDP;
-    ``data`` is ``build_data``'s result. Keeps ``checkpoint-best.pth`` for the best top-1 accuracy. Returns the
-    last test stats.
+    ``data`` is ``build_data``'s result. Returns the last test stats.
     """
-    _, data_loader_train, data_loader_val, channel_ids = data
-    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
-    checkpoint = load_model(args, model_without_ddp, optimizer, loss_scaler)
-    max_accuracy = checkpoint.get("max_accuracy", 0.0) if checkpoint and not args.eval else 0.0
-    progress = resume_progress(checkpoint, args)
+    args = state.args
+    dataset_train, data_loader_train, data_loader_val, _ = data
+
+    def evaluate_val() -> dict:
+        test_stats = evaluate(data_loader_val, state.eval_model, state.device, args, state.channel_ids)
+        log_eval(test_stats)
+        return test_stats
 
     if args.eval:
-        test_stats = evaluate(data_loader_val, eval_model, device, args, channel_ids)
-        log_eval(test_stats)
+        resume(state)
+        test_stats = evaluate_val()
         print(json.dumps({f"test_{k}": v for k, v in test_stats.items()}))
         cleanup_distributed()
         return test_stats
 
-    log_writer = open_log_writer(args)
-    install_stop_handlers()
-    print(f"Start training for {args.epochs} epochs")
-    test_stats = {}
-    start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        set_loader_epoch(data_loader_train, epoch, args, progress)
-        try:
-            train_stats = train_one_epoch(
-                model,
-                criterion,
-                data_loader_train,
-                optimizer,
-                device,
-                epoch,
-                loss_scaler,
-                args.clip_grad,
-                mixup_fn,
-                log_writer=log_writer,
-                args=args,
-                channel_ids=channel_ids,
-                progress=progress,
-            )
-        except TrainingStopped as stop:  # SIGTERM / SIGUSR1: save mid-epoch, then exit (run_main)
-            extra = {"max_accuracy": max_accuracy}
-            save_stopped(stop, args, epoch, model_without_ddp, optimizer, loss_scaler, log_writer, extra)
-            raise
-        progress = None
-        test_stats = evaluate(data_loader_val, eval_model, device, args, channel_ids)
-        log_eval(test_stats)
-        improved = test_stats["acc1"] > max_accuracy
-        max_accuracy = max(max_accuracy, test_stats["acc1"])
-        print(f"Max accuracy: {max_accuracy:.2f}%")
-        extra = {"max_accuracy": max_accuracy, "test_acc1": test_stats["acc1"]}
-        path = save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra)
-        if improved:
-            save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra, tag="best")
+    def train(state, data_loader, epoch):
+        return train_one_epoch(state, data_loader, epoch, criterion, mixup_fn)
 
-        if log_writer is not None:
-            for key in ("acc1", "acc5", "loss"):
-                if key in test_stats:
-                    log_writer.add_scalar(f"test_{key}", test_stats[key], epoch)
-        log_stats = {
-            **{f"train_{k}": v for k, v in train_stats.items()},
-            **{f"test_{k}": v for k, v in test_stats.items()},
-            "epoch": epoch,
-            "n_parameters": n_parameters,
-            **skip_stats(data[0]),
-        }
-        write_log(args, log_stats, log_writer)
-        stop_after_epoch(args, epoch, path)
-
-    end_training(start_time, log_writer)
-    return test_stats
+    return trainer_fit(state, data_loader_train, train, dataset=dataset_train, evaluate=evaluate_val)

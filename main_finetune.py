@@ -20,6 +20,7 @@ from util.cli import add_common_args, describe_optimizer, run_main, setup_run
 from util.data.errors import DatasetError
 from util.distributed import wrap_model
 from util.optim import scale_lr
+from util.trainer import TrainState
 
 
 def get_args_parser():
@@ -121,7 +122,8 @@ def main(args):
     print(f"AMP: {args.amp}; criterion: {criterion}; {describe_optimizer(optimizer)}")
 
     model, eval_model = wrap_model(model, args, device)
-    return fit(args, model, model_without_ddp, eval_model, criterion, optimizer, loss_scaler, data, device, mixup_fn)
+    state = TrainState(args, model, model_without_ddp, optimizer, loss_scaler, device, data[3], eval_model)
+    return fit(state, data, criterion, mixup_fn)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from util.data.errors import DatasetError
 from util.distributed import wrap_model
 from util.lars import LARS
 from util.optim import scale_lr
+from util.trainer import TrainState
 
 LINPROBE_DEFAULTS = {**DEFAULTS, "global_pool": False}
 """The defaults of main_finetune (``models_flags.DEFAULTS``), with the class token."""
@@ -137,7 +138,8 @@ def main(args):
     print(f"AMP: {args.amp}; {describe_optimizer(optimizer)}")
 
     model, eval_model = wrap_model(model, args, device)
-    return fit(args, model, model_without_ddp, eval_model, criterion, optimizer, loss_scaler, data, device)
+    state = TrainState(args, model, model_without_ddp, optimizer, loss_scaler, device, data[3], eval_model)
+    return fit(state, data, criterion)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ else on the CPU, writing checkpoints, ``log.txt`` (one JSON line per epoch) and 
 
 import argparse
 import os
-import time
 
 import torch
 
@@ -15,12 +14,10 @@ import util.vis as vis
 from engine_pretrain import train_one_epoch
 from models_checkpoint import build_pretrain_model
 from util.amp import NativeScaler
-from util.checkpoint import load_model, save_model, save_stopped
 from util.cli import (
     add_common_args,
     describe_dataset,
     describe_optimizer,
-    end_training,
     run_main,
     setup_run,
 )
@@ -29,10 +26,9 @@ from util.data.errors import DatasetError
 from util.data.stats import normalization_record
 from util.distributed import is_main_process, wrap_model
 from util.errors import RunError
-from util.loaders import build_train_loader, set_loader_epoch
-from util.metric_log import open_log_writer, skip_stats, write_log
+from util.loaders import build_train_loader
 from util.optim import pretrain_param_groups, scale_lr
-from util.preemption import TrainingStopped, install_stop_handlers, resume_progress, stop_after_epoch
+from util.trainer import TrainState, fit
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -119,7 +115,6 @@ def main(args):
     check_channels(args, dataset_train)
     channel_ids = torch.as_tensor(dataset_train.channel_ids, dtype=torch.long, device=device)
     data_loader_train = build_train_loader(dataset_train, args)
-    log_writer = open_log_writer(args)
     vis_batch = None
     if args.vis_every > 0 and is_main_process():
         vis_batch = vis.fixed_batch(dataset_train, args.vis_n, args.seed).to(device)
@@ -141,33 +136,16 @@ def main(args):
     print(f"AMP: {args.amp}; {describe_optimizer(optimizer)}")
 
     model, _ = wrap_model(model, args, device)
+    state = TrainState(args, model, model_without_ddp, optimizer, loss_scaler, device, channel_ids)
 
-    checkpoint = load_model(args, model_without_ddp, optimizer, loss_scaler)
-    progress = resume_progress(checkpoint, args)
-
-    install_stop_handlers()
-    print(f"Start training for {args.epochs} epochs")
-    start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        set_loader_epoch(data_loader_train, epoch, args, progress)
-        try:
-            train_stats = train_one_epoch(
-                model, data_loader_train, optimizer, device, epoch, loss_scaler, log_writer, args, channel_ids, progress
-            )
-        except TrainingStopped as stop:  # SIGTERM / SIGUSR1: save mid-epoch, then exit (run_main)
-            save_stopped(stop, args, epoch, model_without_ddp, optimizer, loss_scaler, log_writer)
-            raise
-        progress = None
-        path = save_model(args, epoch, model_without_ddp, optimizer, loss_scaler)
+    def visualise(epoch: int):
+        """Every --vis_every epochs and at the last: the bare module on rank 0 only (no collective), and the
+        training RNG stream is left as it was."""
         if vis_batch is not None and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
-            # the bare module on rank 0 only: no collective, and the training RNG stream is left as it was
             names = vis.channel_labels(dataset_train)
-            vis.log_reconstructions(model_without_ddp, vis_batch, channel_ids, args, epoch, log_writer, names)
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch, "n_parameters": n_parameters}
-        write_log(args, {**log_stats, **skip_stats(dataset_train)}, log_writer)
-        stop_after_epoch(args, epoch, path)
+            vis.log_reconstructions(model_without_ddp, vis_batch, channel_ids, args, epoch, state.log_writer, names)
 
-    end_training(start_time, log_writer)
+    fit(state, data_loader_train, train_one_epoch, dataset=dataset_train, after_save=visualise)
 
 
 if __name__ == "__main__":

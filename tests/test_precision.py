@@ -18,6 +18,7 @@ import engine_finetune
 import models_chamae
 import models_vit
 from util.amp import NativeScaler, autocast
+from util.trainer import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_VIT = dict(embed_dim=8, depth=1, num_heads=1, mlp_ratio=1.0)
@@ -90,12 +91,13 @@ def finetune_criterion() -> dict:
 
     data = torch.utils.data.TensorDataset(torch.randn(8, 2, 32, 32), torch.randint(0, 5, (8,)))
     loader = torch.utils.data.DataLoader(data, batch_size=4)
-    args = Namespace(print_freq=1, accum_iter=1, amp="fp16", lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=1)
+    args = Namespace(
+        print_freq=1, accum_iter=1, amp="fp16", lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=1, clip_grad=None
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = NativeScaler(torch.device("cpu"), "fp16")
-    stats = engine_finetune.train_one_epoch(
-        model, criterion, loader, optimizer, torch.device("cpu"), 0, scaler, args=args
-    )
+    state = TrainState(args, model, model, optimizer, scaler, torch.device("cpu"))
+    stats = engine_finetune.train_one_epoch(state, loader, 0, criterion)
     return {"seen": seen, "stats": stats}
 
 
