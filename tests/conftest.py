@@ -1,10 +1,22 @@
 """Fixtures shared by the test modules."""
 
+import json
 import os
 import shutil
 
 import pytest
 import torch
+
+
+def read_log(output_dir) -> list[dict]:
+    """The complete lines of ``output_dir/log.txt`` as dicts ([] while it does not exist; a line a running job is
+    still appending is left out)."""
+    path = os.path.join(output_dir, "log.txt")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
+
 
 DIGITS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_data", "digits")
 

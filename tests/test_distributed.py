@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from conftest import read_log
 
 from util.cli import add_common_args
 from util.distributed import cleanup_distributed, get_world_size, init_distributed_mode, is_dist_avail_and_initialized
@@ -43,11 +44,6 @@ def run(args: list[str], timeout: int = 300) -> str:
 def torchrun(script: str, *args: str) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}"]
     return run([*cmd, script, "--device", "cpu", *args])
-
-
-def read_log(output_dir) -> list[dict]:
-    with open(os.path.join(output_dir, "log.txt"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def assert_written_by_rank0_only(output_dir, out: str, epochs: int):

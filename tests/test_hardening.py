@@ -32,6 +32,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import read_log
 from PIL import Image
 
 import models_chamae
@@ -153,11 +154,6 @@ def cli(monkeypatch, capsys):
         return code, capsys.readouterr().out
 
     return call
-
-
-def read_log(output_dir) -> list[dict]:
-    with open(os.path.join(output_dir, "log.txt"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def sha256(path) -> str:

@@ -7,7 +7,6 @@ this machine (the job folders live in this machine's temporary directory).
 """
 
 import builtins
-import json
 import os
 import re
 import shutil
@@ -18,6 +17,7 @@ import time
 
 import pytest
 import torch
+from conftest import read_log
 
 import main_pretrain
 from util import submit
@@ -29,15 +29,6 @@ TINY_MAE = [
     "decoder_num_heads=2",
 ]  # fmt: skip
 CPU_TASKS = ["--ngpus", "0", "--tasks_per_node", "2", "--cpus_per_task", "1"]
-
-
-def read_log(folder) -> list[dict]:
-    """The complete lines of ``log.txt`` (a line being appended by a running job is left out)."""
-    path = os.path.join(folder, "log.txt")
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
 
 
 def read_text(path) -> str:

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import read_log
 
 import models_chamae
 import models_mae
@@ -42,11 +43,6 @@ def run(script: str, *args: str, check: bool = True) -> subprocess.CompletedProc
     if check:
         assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return proc
-
-
-def read_log(output_dir) -> list[dict]:
-    with open(os.path.join(output_dir, "log.txt"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def tensorboard_tags(log_dir) -> set[str]:
