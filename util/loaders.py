@@ -45,6 +45,21 @@ class ShardSampler(torch.utils.data.Sampler):
         return self.num_samples
 
 
+def _loader(dataset, sampler, args, drop_last: bool, generator: torch.Generator):
+    """A DataLoader of ``--batch_size`` / ``--num_workers`` (pinned memory on CUDA) whose workers leave the stop
+    signals to the main process; ``generator`` seeds the workers."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=args.pin_mem and str(args.device).startswith("cuda"),
+        drop_last=drop_last,
+        generator=generator,
+        worker_init_fn=_worker_ignores_stop_signals,
+    )
+
+
 def build_train_loader(dataset, args, drop_last: bool = True):
     """Shuffling loader whose order depends only on (seed, epoch): call ``set_loader_epoch`` before each epoch.
 
@@ -53,16 +68,7 @@ def build_train_loader(dataset, args, drop_last: bool = True):
     optimizer step of ``--accum_iter`` batches, raise ``RunError``.
     """
     sampler = EpochSampler(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True, seed=args.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        sampler=sampler,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        pin_memory=args.pin_mem and str(args.device).startswith("cuda"),
-        drop_last=drop_last,
-        generator=torch.Generator(),
-        worker_init_fn=_worker_ignores_stop_signals,
-    )
+    loader = _loader(dataset, sampler, args, drop_last, torch.Generator())
     if len(loader) == 0:
         raise RunError(
             f"{len(dataset)} training samples give no full batch of --batch_size {args.batch_size} per process "
@@ -93,13 +99,4 @@ def build_eval_loader(dataset, args):
         sampler = torch.utils.data.SequentialSampler(dataset)
     generator = torch.Generator()
     generator.manual_seed(args.seed)
-    return torch.utils.data.DataLoader(
-        dataset,
-        sampler=sampler,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        pin_memory=args.pin_mem and str(args.device).startswith("cuda"),
-        drop_last=False,
-        generator=generator,
-        worker_init_fn=_worker_ignores_stop_signals,
-    )
+    return _loader(dataset, sampler, args, False, generator)
