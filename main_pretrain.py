@@ -14,6 +14,7 @@ import util.vis as vis
 from engine_pretrain import train_one_epoch
 from models_checkpoint import build_pretrain_model
 from util.amp import NativeScaler
+from util.bag_of_channels import SingleChannelDataset
 from util.cli import (
     add_common_args,
     describe_dataset,
@@ -48,6 +49,11 @@ def get_args_parser():
     g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of tokens masked, in (0, 1)")
     g.add_argument("--mask_mode", default="independent", choices=models_chamae.MASK_MODES, help="ChannelMAE masking")
     g.add_argument("--hcs", action="store_true", help="hierarchical channel sampling (ChannelMAE)")
+    g.add_argument(
+        "--bag_of_channels",
+        action="store_true",
+        help="bag of channels: an mae_* model on one channel drawn at random from each sample (in_chans 1)",
+    )
     g.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised pixels as targets")
     parser.set_defaults(norm_pix_loss=False)
     g.add_argument("--decoder", default="full", choices=["full", "cross"], help="MAE decoder or cross-attention")
@@ -95,6 +101,8 @@ def check_flags(args):
     channel_flags += ["--hcs"] if args.hcs else []
     if channel_flags and args.model.startswith("mae_"):
         raise RunError(f"{' and '.join(channel_flags)} need a chamae_* model; {args.model} masks whole patches")
+    if args.bag_of_channels and not args.model.startswith("mae_"):
+        raise RunError(f"--bag_of_channels trains an mae_* model on single channels; {args.model} is not one")
 
 
 def check_channels(args, dataset):
@@ -113,6 +121,9 @@ def main(args):
     print(describe_dataset("train", dataset_train))
     args.normalization = normalization_record(dataset_train)  # saved with the checkpoints, for fine-tuning
     check_channels(args, dataset_train)
+    source = dataset_train
+    if args.bag_of_channels:
+        dataset_train = SingleChannelDataset(source)
     channel_ids = torch.as_tensor(dataset_train.channel_ids, dtype=torch.long, device=device)
     data_loader_train = build_train_loader(dataset_train, args)
     vis_batch = None
@@ -145,7 +156,7 @@ def main(args):
             names = vis.channel_labels(dataset_train)
             vis.log_reconstructions(model_without_ddp, vis_batch, channel_ids, args, epoch, state.log_writer, names)
 
-    fit(state, data_loader_train, train_one_epoch, dataset=dataset_train, after_save=visualise)
+    fit(state, data_loader_train, train_one_epoch, dataset=source, after_save=visualise)
 
 
 if __name__ == "__main__":
