@@ -41,12 +41,12 @@ def read_slide(ihc_dir: Path) -> np.ndarray:
     return slide
 
 
-def crops(slide: np.ndarray):
-    """(y, x, plate) of every crop inside one third of the slide."""
+def crops(slide: np.ndarray, stride: int = STRIDE):
+    """(y, x, plate) of every crop, at ``stride``, inside one third of the slide."""
     size = slide.shape[-1]
     bounds = [0, size // 3, 2 * size // 3, size]
-    for y in range(0, size - CROP + 1, STRIDE):
-        for x in range(0, size - CROP + 1, STRIDE):
+    for y in range(0, size - CROP + 1, stride):
+        for x in range(0, size - CROP + 1, stride):
             plate = next(p for p in range(3) if bounds[p] <= x < bounds[p + 1])
             if x + CROP <= bounds[plate + 1]:
                 yield y, x, f"P{plate + 1}"
@@ -68,9 +68,10 @@ def main():
     parser.add_argument("--ihc_dir", default=str(ROOT / "sample_data" / "ihc"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--val_fraction", default=0.2, type=float)
+    parser.add_argument("--stride", default=STRIDE, type=int, help="crop stride (32: 195 crops, no overlap)")
     args = parser.parse_args()
     slide = read_slide(Path(args.ihc_dir))
-    where = list(crops(slide))
+    where = list(crops(slide, args.stride))
     stacks = np.stack([slide[:, y : y + CROP, x : x + CROP] for y, x, _ in where])
     names = labels(stacks.astype(np.float64))
     is_val = np.random.default_rng(0).random(len(where)) < args.val_fraction

@@ -18,6 +18,7 @@ from sklearn.metrics import f1_score
 
 import evaluate_features
 import extract_features
+import main_pretrain
 import models_chamae
 import models_vit
 from util.bag_of_channels import SingleChannelDataset
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 META = ["--path_metadata", r"plate=(P\d)_", r"well=/(\w+/P\d_w\d+)_"]
 CHANNELS = ["R", "G", "B", "H", "E", "DAB"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_checkpoint(model, path, name, data, **extra):
@@ -52,7 +54,8 @@ def ihc(tmp_path_factory):
     """The labelled IHC crops (benchmarks/build_ihc_labelled.py), a tiny ChannelMAE and its features."""
     root = tmp_path_factory.mktemp("ihc")
     data = root / "data"
-    subprocess.run([sys.executable, "benchmarks/build_ihc_labelled.py", "--out", str(data)], cwd=ROOT, check=True)
+    build = [sys.executable, "benchmarks/build_ihc_labelled.py", "--out", str(data), "--stride", "32"]
+    subprocess.run(build, cwd=ROOT, check=True, capture_output=True)
     torch.manual_seed(0)
     model = models_chamae.create_model("chamae_vit_tiny_patch16", img_size=32, patch_size=8, in_chans=6, **TINY)
     ckpt = save_checkpoint(model, root / "chamae.pth", "chamae_vit_tiny_patch16", data)
@@ -212,12 +215,12 @@ def test_bag_of_channels_features_encode_each_channel_alone(ihc, tmp_path):
     out = tmp_path / "boc.npz"
     extract(["--resume", ihc.ckpt, "--split", "val", "--bag_of_channels", "--out", str(out)])
     z = np.load(out)
-    assert z["features"].shape == (156, 6 * 32) and str(z["feature_kind"]) == "bag_of_channels"
+    dataset = eval_dataset(Namespace(data_path=str(ihc.data), input_size=32), "val")
+    assert z["features"].shape == (len(dataset), 6 * 32) and str(z["feature_kind"]) == "bag_of_channels"
     assert "channel_features" not in z.files
     model = models_chamae.create_model("chamae_vit_tiny_patch16", img_size=32, patch_size=8, in_chans=6, **TINY)
     model.load_state_dict(torch.load(ihc.ckpt)["model"])
     model.eval().mask_mode = "independent"
-    dataset = eval_dataset(Namespace(data_path=str(ihc.data), input_size=32), "val")
     imgs = torch.stack([dataset[i][0] for i in range(4)])
     for c in (0, 5):
         alone = encode(model, imgs[:, c : c + 1], torch.tensor([c]), "mean")[0].numpy()
@@ -238,42 +241,31 @@ def test_bag_of_channels_pretraining(ihc, tmp_path):
     assert torch.equal(img[0], source[CHANNELS.index(name)]) and label == dataset.source[3][1]
 
     out = tmp_path / "run"
-    argv = ["main_pretrain.py", "--data_path", str(ihc.data), "--input_size", "32", "--patch_size", "8"]
+    argv = ["--data_path", str(ihc.data), "--input_size", "32", "--patch_size", "8", "--model", "mae_vit_tiny_patch16"]
+    argv += ["--bag_of_channels", "--model_kwargs", *[f"{k}={v}" for k, v in TINY.items()], "--epochs", "1"]
     argv += [
-        "--model",
-        "mae_vit_tiny_patch16",
-        "--bag_of_channels",
-        "--model_kwargs",
-        *[f"{k}={v}" for k, v in TINY.items()],
+        "--batch_size",
+        "32",
+        "--num_workers",
+        "0",
+        "--vis_every",
+        "0",
+        "--output_dir",
+        str(out),
+        "--device",
+        "cpu",
     ]
-    argv += ["--epochs", "1", "--batch_size", "64", "--num_workers", "0", "--vis_every", "0", "--output_dir", str(out)]
-    subprocess.run([sys.executable, *argv], cwd=ROOT, check=True, capture_output=True)
-    state = torch.load(out / "checkpoint-last.pth", weights_only=False)
+    main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv))
+    ckpt = str(out / "checkpoint-last.pth")
+    state = torch.load(ckpt, weights_only=False)
     assert state["model"]["patch_embed.proj.weight"].shape[1] == 1 and state["args"]["bag_of_channels"]
 
-    extract_argv = [
-        sys.executable,
-        "extract_features.py",
-        "--resume",
-        str(out / "checkpoint-last.pth"),
-        "--split",
-        "val",
-    ]
-    failed = subprocess.run([*extract_argv, "--out", str(tmp_path / "f.npz")], cwd=ROOT, capture_output=True, text=True)
-    assert failed.returncode == 1 and failed.stderr.strip().splitlines()[-1].startswith("ERROR:")
-    assert "--bag_of_channels" in failed.stderr and "Traceback" not in failed.stderr
-    extract(
-        [
-            "--resume",
-            str(out / "checkpoint-last.pth"),
-            "--split",
-            "val",
-            "--bag_of_channels",
-            "--out",
-            str(tmp_path / "f.npz"),
-        ]
-    )
-    assert np.load(tmp_path / "f.npz")["features"].shape == (156, 6 * 32)
+    argv = ["--resume", ckpt, "--split", "val", "--num_workers", "0", "--out", str(tmp_path / "f.npz")]
+    with pytest.raises(SystemExit) as failed:
+        extract_features.run_main(extract_features.main, extract_features.get_args_parser().parse_args(argv))
+    assert str(failed.value.code).startswith("ERROR:") and "--bag_of_channels" in str(failed.value.code)
+    extract(["--resume", ckpt, "--split", "val", "--bag_of_channels", "--out", str(tmp_path / "f.npz")])
+    assert np.load(tmp_path / "f.npz")["features"].shape == (len(dataset), 6 * 32)
 
 
 @pytest.mark.parametrize(
