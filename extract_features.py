@@ -238,6 +238,7 @@ def main(args):
     dataset = torch.utils.data.ConcatDataset(datasets)
     channel_ids = torch.as_tensor(datasets[0].channel_ids, device=device)
     args.vocabulary = vocabulary_size(model, datasets[0])
+    columns = path_metadata(patterns, [sample_path(files) for d in datasets for files, _ in d.samples])
     print(f"{info['name']} ({info['kind']}, {args.resume}): {len(dataset)} samples, channels {channel_ids.tolist()}")
 
     parts = args.out + ".parts"
@@ -277,8 +278,8 @@ def main(args):
         checkpoint=np.asarray(os.path.abspath(args.resume)),
         feature_kind=np.asarray(feature_kind(args)),
     )
-    if patterns:
-        arrays.update(metadata_arrays(path_metadata(patterns, paths)))
+    if columns:
+        arrays.update(metadata_arrays(columns))
     if args.knn_k:
         top1, top5, query_rows, pred = knn_accuracy(
             arrays["features"],

@@ -23,6 +23,7 @@ import models_chamae
 import models_vit
 from util.bag_of_channels import SingleChannelDataset
 from util.data.evaluation import eval_dataset
+from util.errors import RunError
 from util.features import encode
 from util.protocols.nearest import chammi_score
 from util.protocols.robustness import channel_subsets
@@ -286,3 +287,22 @@ def test_bad_input_is_one_error_line(ihc, tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert exit_info.value.code != 0
     assert message in str(exit_info.value.code) or message in err
+
+
+def test_flags_are_checked_before_compute(ihc, tmp_path):
+    args = main_pretrain.get_args_parser().parse_args(["--bag_of_channels", "--model", "chamae_vit_tiny_patch16"])
+    with pytest.raises(RunError, match="--bag_of_channels trains an mae_"):
+        main_pretrain.check_flags(args)
+    argv = [
+        "--resume",
+        ihc.ckpt,
+        "--split",
+        "val",
+        "--path_metadata",
+        "plate=(Q\\d)_",
+        "--out",
+        str(tmp_path / "f.npz"),
+    ]
+    with pytest.raises(RunError, match=r"--path_metadata plate=.* does not match"):
+        extract(argv)
+    assert not (tmp_path / "f.npz.parts").exists()
