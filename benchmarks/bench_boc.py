@@ -24,7 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT_DIR = Path(__file__).resolve().parents[1]
+if str(ROOT_DIR) not in sys.path:
+    sys.path.insert(0, str(ROOT_DIR))
+
+from util.protocols.robustness import plot_curves  # noqa: E402
+
+ROOT = ROOT_DIR
 CONFIGS = {
     "mae": ["--model", "mae_vit_tiny_patch16"],
     "chamae_independent": ["--model", "chamae_vit_tiny_patch16", "--mask_mode", "independent"],
@@ -102,10 +108,10 @@ def evaluate(args, name, seed):
         run(["evaluate_features.py", features, *channels], out / "channels.log")
 
 
-def read_results(out_dir: Path) -> dict:
-    """{config: {seed: {protocol: results}}} from every <config>_s<seed>/<protocol>.json under out_dir."""
+def read_results(out_dirs: list) -> dict:
+    """{config: {seed: {protocol: results}}} from every <config>_s<seed>/<protocol>.json under the out_dirs."""
     found = {}
-    for path in sorted(out_dir.glob("*_s*/*.json")):
+    for path in sorted(p for d in out_dirs for p in Path(d).glob("*_s*/*.json")):
         if path.stem not in ("chammi", "knn", "profile", "channels"):
             continue
         config, _, seed = path.parent.name.rpartition("_s")
@@ -120,12 +126,12 @@ def spread(values) -> str:
     return f"{np.mean(values):.3f}" + (f" ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else "")
 
 
-def report(out_dir: Path) -> str:
+def report(out_dirs: list) -> str:
     """Markdown: one row per configuration, mean (min-max) over seeds; then accuracy against k (seed 0)."""
-    found = read_results(out_dir)
+    found = read_results(out_dirs)
     lines = ["| encoder | seeds | " + " | ".join(c[3] for c in COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 2)]
     for config, seeds in found.items():
-        cells = [spread([s.get(p, {}).get(t, {}).get(m) for s in seeds.values()]) for p, t, m in COLUMNS]
+        cells = [spread([s.get(p, {}).get(t, {}).get(m) for s in seeds.values()]) for p, t, m, _ in COLUMNS]
         lines.append(f"| {config} | {len(seeds)} | " + " | ".join(cells) + " |")
     ks = sorted({k for seeds in found.values() for s in seeds.values() for k in s.get("channels", {})})
     if ks:
@@ -137,11 +143,26 @@ def report(out_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def plot_robustness(out_dirs: list, path: Path):
+    """1-NN top-1 against k of every configuration with a channels.json (its lowest seed) into one PNG."""
+    curves = {}
+    for config, seeds in read_results(out_dirs).items():
+        runs = [seeds[s]["channels"] for s in sorted(seeds) if "channels" in seeds[s]]
+        if runs:
+            curves[config] = {
+                k.removeprefix("k="): {"mean": r["top1"], "min": r["top1_min"], "max": r["top1_max"]}
+                for k, r in runs[0].items()
+            }
+    if curves:
+        plot_curves(curves, str(path), "1-NN top-1 (%)", "IHC crops: channels given")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", required=True, choices=["pretrain", "evaluate", "report"])
     parser.add_argument("--data", default="/tmp/ihc_labelled")
     parser.add_argument("--out_dir", default="/tmp/boc")
+    parser.add_argument("--also", default=[], nargs="*", help="--stage report: more output dirs to read")
     parser.add_argument("--seeds", default=[0, 1], type=int, nargs="+")
     parser.add_argument("--configs", default=[*CONFIGS, "raw_pixels"], nargs="+", choices=[*CONFIGS, "raw_pixels"])
     parser.add_argument("--epochs", default=60, type=int, help="9 steps per epoch at batch 64 on 624 crops")
@@ -153,7 +174,9 @@ def main():
     parser.add_argument("--null_size", default=200, type=int, help="mAP null distribution size")
     args = parser.parse_args()
     if args.stage == "report":
-        print(report(Path(args.out_dir)))
+        dirs = [args.out_dir, *args.also]
+        print(report(dirs))
+        plot_robustness(dirs, Path(args.out_dir) / "robustness.png")
         return
     for seed in args.seeds:
         for name in args.configs:
