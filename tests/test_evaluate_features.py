@@ -276,6 +276,10 @@ def test_bag_of_channels_pretraining(ihc, tmp_path):
         (["--protocol", "profile", "--treatment_column", "label"], "--control"),
         (["--protocol", "profile", "--control", "x", "--well_column", "nope"], "no metadata column 'nope'"),
         (["--protocol", "profile", "--treatment_column", "label", "--control", "DMSO"], "'DMSO'"),
+        (
+            ["--protocol", "profile", "--treatment_column", "label", "--control", "dab", "--well_column", "plate"],
+            "mixes",
+        ),
     ],
 )
 def test_bad_input_is_one_error_line(ihc, tmp_path, capsys, argv, message):

@@ -31,19 +31,16 @@ def well_profiles(fs: FeatureSet, well: str, plate: str, treatment: str, aggrega
     A well's treatment must be the same for all its samples (``RunError`` naming the well otherwise).
     """
     frame = pd.DataFrame({"plate": fs.column(plate), "well": fs.column(well), "treatment": fs.column(treatment)})
-    keys = frame["plate"] + "\x00" + frame["well"]
-    names, inverse = np.unique(keys.to_numpy(), return_inverse=True)
-    profiles = np.zeros((len(names), fs.features.shape[1]), np.float64)
+    groups = frame.groupby(["plate", "well"], sort=True).indices
+    profiles = np.zeros((len(groups), fs.features.shape[1]), np.float64)
     meta = []
-    for w in range(len(names)):
-        rows = np.flatnonzero(inverse == w)
+    for w, ((p, name), rows) in enumerate(groups.items()):
         treatments = frame["treatment"].iloc[rows].unique()
         if len(treatments) != 1:
-            p, name = names[w].split("\x00")
             raise RunError(f"well '{name}' of plate '{p}' mixes treatments {sorted(treatments)} ('{treatment}')")
         block = fs.features[rows].astype(np.float64)
         profiles[w] = block.mean(axis=0) if aggregate == "mean" else np.median(block, axis=0)
-        meta.append({**frame.iloc[rows[0]].to_dict(), "n_samples": len(rows)})
+        meta.append({"plate": p, "well": name, "treatment": treatments[0], "n_samples": len(rows)})
     return pd.DataFrame(meta), profiles
 
 
