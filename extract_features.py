@@ -20,7 +20,6 @@ in RAM. With several processes OUT must be on a file system that every process s
 processed exactly once (strided shards, no padding duplicates).
 """
 
-import argparse
 import os
 import shutil
 import time
@@ -45,13 +44,14 @@ from util.distributed import (
 )
 from util.errors import RunError
 from util.features import encode, group_means, is_channel_model, knn_accuracy, merge_shards, open_array
+from util.flags import ArgumentParser
 from util.loaders import ShardSampler
 
 POOLS = ("mean", "cls")
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Encoder feature export", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser("Encoder feature export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--resume", required=True, help="pretraining or classifier checkpoint")
     parser.add_argument("--out", default="features.npz", help="output .npz")
     parser.add_argument("--pool", default="mean", choices=POOLS, help="class token or mean of the patch tokens")

@@ -4,7 +4,6 @@ With no flags at all it pretrains a tiny ChannelMAE on the bundled ``sample_data
 else on the CPU, writing checkpoints, ``log.txt`` (one JSON line per epoch) and TensorBoard events to ./output_dir.
 """
 
-import argparse
 import os
 
 import torch
@@ -26,6 +25,7 @@ from util.data.errors import DatasetError
 from util.data.stats import normalization_record
 from util.distributed import is_main_process, wrap_model
 from util.errors import RunError
+from util.flags import ArgumentParser
 from util.loaders import build_train_loader
 from util.optim import pretrain_param_groups, scale_lr
 from util.trainer import TrainState, fit
@@ -34,7 +34,7 @@ REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("MAE / ChannelMAE pre-training", add_help=False)
+    parser = ArgumentParser("MAE / ChannelMAE pre-training", add_help=False)
     parser.add_argument("--batch_size", default=64, type=int, help="batch size per process")
     parser.add_argument("--epochs", default=20, type=int)
     parser.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")

@@ -21,6 +21,7 @@ from util.data.errors import DatasetError
 from util.data.evaluation import SPLITS, eval_dataset, inherit_data_args
 from util.distributed import default_device
 from util.errors import CheckpointError
+from util.flags import ArgumentParser, Limit
 from util.vis import channel_labels, fixed_batch, mse_space, reconstruction_grid, save_png
 
 
@@ -35,7 +36,11 @@ def parse_rgb(value):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("MAE / ChannelMAE reconstructions", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(
+        "MAE / ChannelMAE reconstructions",
+        description=__doc__.split("\n\n")[0],
+        limits={"scale": Limit(1), "mask_ratio": Limit(0, 1, low_open=True, high_open=True)},
+    )
     parser.add_argument("--resume", required=True, help="checkpoint with a decoder (ours or published MAE)")
     parser.add_argument("--out", default="recon.png", help="output PNG")
     parser.add_argument("--n", default=8, type=int, help="number of samples")

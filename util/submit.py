@@ -26,6 +26,7 @@ import torch
 
 from util.checkpoint import find_latest_checkpoint
 from util.cli import end_loader_workers
+from util.flags import ArgumentParser
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB_PATH_ARGS = ("job_dir", "output_dir", "log_dir")
@@ -62,7 +63,7 @@ def get_submit_parser() -> argparse.ArgumentParser:
 
 def parse_args(main_parser: argparse.ArgumentParser, description: str, argv=None) -> argparse.Namespace:
     """Parse the flags of a main_* script plus the Slurm flags; ``--output_dir`` defaults to ``--job_dir``."""
-    parser = argparse.ArgumentParser(description, parents=[main_parser, get_submit_parser()])
+    parser = ArgumentParser(description, parents=[main_parser, get_submit_parser()])
     parser.set_defaults(output_dir=None)
     return parser.parse_args(argv)
 

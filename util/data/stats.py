@@ -15,7 +15,6 @@ Normalisation, per channel and in raw pixel units; the first that applies wins
     The dataset keeps the values and their source (``mean``, ``std``, ``norm_source``).
 """
 
-import argparse
 import json
 import logging
 import math
@@ -30,6 +29,7 @@ from util.data.dataset import MultiChannelDataset, build_raw_dataset
 from util.data.errors import CorruptFileError, DatasetError, MissingPathError, NonFinitePixelsError
 from util.data.layouts import stats_folder
 from util.data.readers import NAN_HINT, PIL_SUFFIXES
+from util.flags import ArgumentParser
 
 logger = logging.getLogger(__name__)
 
@@ -317,7 +317,7 @@ def _stats_command(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m util.data.stats", description="Per-channel mean/std/percentiles in one streaming pass."
     )
     parser.add_argument(
