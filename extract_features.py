@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from models_checkpoint import model_from_checkpoint
+from models_preflight import check_group_regex, check_model_channels, check_patch_grid
 from util.amp import AMP_DTYPES, autocast
 from util.cli import add_distributed_args, add_reading_args, parse_model_kwargs, run_main
 from util.data.errors import DatasetError
@@ -44,8 +45,9 @@ from util.distributed import (
 )
 from util.errors import RunError
 from util.features import encode, group_means, is_channel_model, knn_accuracy, merge_shards, open_array
-from util.flags import ArgumentParser
+from util.flags import ArgumentParser, regex
 from util.loaders import ShardSampler
+from util.output_dir import check_output_file
 
 POOLS = ("mean", "cls")
 
@@ -61,6 +63,7 @@ def get_args_parser():
     parser.add_argument(
         "--group_regex",
         default=None,
+        type=regex,
         help="also average per group: regex on the file path; group 1 (else the match) names it",
     )
     g = parser.add_argument_group("model")
@@ -155,10 +158,16 @@ def main(args):
     if info["kind"] == "pretrain" and is_channel_model(model):
         model.mask_mode = "independent"  # mask ratio 0 keeps every token only in this mode
     model.to(device)
+    if args.input_size:
+        check_patch_grid(args.input_size, model.patch_embed.patch_size[0], f"from {args.resume}")
     inherit_data_args(args, info["args"], model)
+    check_output_file(args.out, "--out")
     datasets = [eval_dataset(args, s) for s in (("train", "val") if split == "trainval" else (split,))]
     for d in datasets:
         d.skip_bad_samples = False  # each row must be the features of its path
+        check_model_channels(model, d, args.channels)
+    if args.group_regex:
+        check_group_regex(args.group_regex, [sample_path(files) for d in datasets for files, _ in d.samples])
     dataset = torch.utils.data.ConcatDataset(datasets)
     channel_ids = torch.as_tensor(datasets[0].channel_ids, device=device)
     print(f"{info['name']} ({info['kind']}, {args.resume}): {len(dataset)} samples, channels {channel_ids.tolist()}")

@@ -12,6 +12,7 @@ import models_chamae
 import util.vis as vis
 from engine_pretrain import train_one_epoch
 from models_checkpoint import build_pretrain_model
+from models_preflight import check_patch_grid, check_pretrain_resume, model_patch_size
 from util.amp import NativeScaler
 from util.cli import (
     add_common_args,
@@ -95,6 +96,9 @@ def check_flags(args):
     channel_flags += ["--hcs"] if args.hcs else []
     if channel_flags and args.model.startswith("mae_"):
         raise RunError(f"{' and '.join(channel_flags)} need a chamae_* model; {args.model} masks whole patches")
+    source = "--patch_size" if args.patch_size else f"--model {args.model}"
+    args.patch_size = model_patch_size(args.model, args.patch_size, args.model_kwargs)
+    check_patch_grid(args.input_size, args.patch_size, source)
 
 
 def check_channels(args, dataset):
@@ -107,6 +111,7 @@ def check_channels(args, dataset):
 
 def main(args):
     check_flags(args)
+    check_pretrain_resume(args)
     device = setup_run(args)
 
     dataset_train = build_pretrain_dataset(args)

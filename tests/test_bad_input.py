@@ -34,6 +34,10 @@ SETUP = {
     "pretrain_chamae": [*PRETRAIN, "--output_dir", "{runs}/chamae"],
     "pretrain_mae": [*PRETRAIN, "--model", "mae_vit_tiny_patch16", "--output_dir", "{runs}/mae"],
     "finetune": [*FINETUNE, "--output_dir", "{runs}/vit"],
+    "finetune_6_channel_mae_on_channel_3": [
+        *IHC_FINETUNE,
+        *("--finetune", "{runs}/mae/checkpoint-last.pth", "--channels", "3", "--output_dir", "{runs}/mae_ch3"),
+    ],
 }
 """Real runs whose checkpoints the cases use; each must succeed."""
 
@@ -133,7 +137,7 @@ CASES = {
     ),
     "pretrain-resume-classifier-checkpoint": (
         [*PRETRAIN, "--resume", VIT],
-        [VIT, "pretraining checkpoint"],
+        [VIT, "classifier checkpoint", "main_finetune.py"],
         None,
     ),
     "pretrain-resume-other-family": (
@@ -141,9 +145,9 @@ CASES = {
         [CHAMAE, "chamae_vit_tiny_patch16", "--model"],
         None,
     ),
-    "finetune-6-channel-mae-with-3-channels": (
-        [*IHC_FINETUNE, "--resume", MAE, "--channels", "0,1,2"],
-        [MAE, "6"],
+    "finetune-from-other-width-shows-the-checkpoints-shape": (
+        [*IHC_FINETUNE, "--finetune", MAE, "--channels", "3", *TINY[:4], "--model_kwargs", "embed_dim=64"],
+        [MAE, "patch_embed.proj.weight: checkpoint (32, 6, 8, 8), model (64, 1, 8, 8)"],
         None,
     ),
     "pretrain-resume-random-bytes": (
@@ -267,8 +271,9 @@ def check_contract(case: str, status: int, stderr: str, paths: dict, saved: dict
     assert "Traceback" not in stderr, stderr[-3000:]
     assert status == 1, f"exit status {status}\n{stderr[-3000:]}"
     assert len(errors) == 1, f"{len(errors)} ERROR lines:\n{stderr[-3000:]}"
+    message = stderr[stderr.index(errors[0]) :]  # the ERROR line and the lines of the same message under it
     for name in resolve(names, paths):
-        assert name in errors[0], f"{name!r} not in {errors[0]!r}"
+        assert name in message, f"{name!r} not in {message!r}"
     if run_dir is not None:
         assert checkpoints(run_dir.format(**paths)) == saved, "a checkpoint already saved changed"
 

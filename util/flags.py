@@ -11,6 +11,7 @@ default (``HelpFormatter``).
 import argparse
 import copy
 import math
+import re
 import sys
 from dataclasses import dataclass
 
@@ -122,6 +123,15 @@ def limit_error(option: str, value, limit: Limit) -> str | None:
     if limit.ordered and list(values) != sorted(values):
         return f"{given}: the values must be in ascending order (MIN MAX)"
     return None
+
+
+def regex(value: str) -> str:
+    """An argparse ``type``: ``value`` if it compiles as a regular expression."""
+    try:
+        re.compile(value)
+    except re.error as err:
+        raise argparse.ArgumentTypeError(f"{value} is not a regular expression: {err}") from err
+    return value
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
