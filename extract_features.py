@@ -12,7 +12,9 @@ Output arrays: features (N, D) float32 (--pool cls | mean of patch tokens); chan
 models: mean of each channel's patch tokens); labels (N,) int64 (-1 unlabelled); paths (N,) str (a sample made
 of one file per channel lists them joined by '|'); split (N,) str; classes, channel_ids, channel_names, model,
 pool, checkpoint; with --knn_k: knn_top1, knn_top5 (percent), knn_k, knn_t, knn_pred (val rows, -1 elsewhere);
-with --group_regex: groups (G,) str, group_features (G, D), group_counts (G,).
+with --group_regex: groups (G,) str, group_features (G, D), group_counts (G,); metadata_columns (M,) str, the CSV
+metadata columns (``Metadata_*``, ``--metadata_columns``, util/data/metadata.py), and for each one
+``metadata_<column>`` (N,) str, its value per row, e.g. to group wells by plate.
 
 Memory: features stream batch by batch into .npy memory maps under OUT.parts/ (one per process, merged by rank
 0, then written into the .npz in chunks and deleted), so only paths, labels and k-NN/group bookkeeping are held
@@ -34,6 +36,7 @@ from util.amp import AMP_DTYPES, autocast
 from util.cli import add_distributed_args, add_reading_args, parse_model_kwargs, run_main
 from util.data.errors import DatasetError
 from util.data.evaluation import SPLITS, eval_dataset, inherit_data_args
+from util.data.metadata import concat_metadata
 from util.distributed import (
     cleanup_distributed,
     default_device,
@@ -208,6 +211,9 @@ def main(args):
         pool=np.asarray(args.pool),
         checkpoint=np.asarray(os.path.abspath(args.resume)),
     )
+    metadata = concat_metadata(datasets)
+    arrays.update({f"metadata_{column}": np.asarray(values, dtype=str) for column, values in metadata.items()})
+    arrays["metadata_columns"] = np.asarray(list(metadata), dtype=str)
     if args.knn_k:
         top1, top5, query_rows, pred = knn_accuracy(
             arrays["features"],

@@ -1,11 +1,11 @@
 """Run many command lines of the repository's scripts with one interpreter start: ``python tests/cli_runner.py``
 reads a JSON list of runs on stdin, each ``{"argv": [script, arg, ...], "out": PREFIX}`` (``["-m", module, ...]``
-for ``python -m module ...``), imports torch and the
-scripts' modules once, then forks one child per run, in order. The child runs the script's ``__main__`` block
-with ``sys.argv = argv`` (what ``python script arg ...`` runs), its stdout and stderr going to ``PREFIX.out`` and
-``PREFIX.err``, and ends the way the interpreter would: status 0, an integer ``SystemExit`` status, a string
-``SystemExit`` printed to stderr with status 1, any other exception's traceback printed with status 1. The parent
-prints one JSON object: {PREFIX: exit status}.
+for ``python -m module ...``; with ``"signal_at": TEXT`` the child gets a SIGTERM once TEXT is in its stdout),
+imports torch and the scripts' modules once, then forks one child per run, in order. The child runs the
+script's ``__main__`` block with ``sys.argv = argv`` (what ``python script arg ...`` runs), its stdout and stderr
+going to ``PREFIX.out`` and ``PREFIX.err``, and ends the way the interpreter would: status 0, an integer
+``SystemExit`` status, a string ``SystemExit`` printed to stderr with status 1, any other exception's traceback
+printed with status 1. The parent prints one JSON object: {PREFIX: exit status}.
 
 A fresh interpreter per run costs ~3 s of imports; a fork costs milliseconds.
 """
@@ -13,7 +13,9 @@ A fresh interpreter per run costs ~3 s of imports; a fork costs milliseconds.
 import json
 import os
 import runpy
+import signal
 import sys
+import time
 import traceback
 
 import torch  # noqa: F401  (imported once, before the forks)
@@ -46,8 +48,9 @@ def run_child(argv: list[str]) -> int:
         return 1
 
 
-def run(argv: list[str], prefix: str) -> int:
-    """Fork, run ``argv`` in the child with its output in ``prefix``.out / .err; the child's exit status."""
+def run(argv: list[str], prefix: str, signal_at: str | None = None) -> int:
+    """Fork, run ``argv`` in the child with its output in ``prefix``.out / .err; the child's exit status.
+    ``signal_at``: send the child SIGTERM once this text is in its stdout."""
     pid = os.fork()
     if pid == 0:
         status = 1
@@ -59,11 +62,21 @@ def run(argv: list[str], prefix: str) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(status)
+    while signal_at:
+        done, wait_status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(wait_status)
+        if os.path.exists(prefix + ".out"):
+            with open(prefix + ".out", errors="replace") as f:
+                if signal_at in f.read():
+                    os.kill(pid, signal.SIGTERM)
+                    break
+        time.sleep(0.05)
     _, wait_status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(wait_status)
 
 
 if __name__ == "__main__":
     os.chdir(REPO)
-    statuses = {run_["out"]: run(run_["argv"], run_["out"]) for run_ in json.load(sys.stdin)}
+    statuses = {run_["out"]: run(run_["argv"], run_["out"], run_.get("signal_at")) for run_ in json.load(sys.stdin)}
     print(json.dumps(statuses))

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -37,6 +38,18 @@ SETUP = {
     "finetune_6_channel_mae_on_channel_3": [
         *IHC_FINETUNE,
         *("--finetune", "{runs}/mae/checkpoint-last.pth", "--channels", "3", "--output_dir", "{runs}/mae_ch3"),
+    ],
+    "extract_metadata": [
+        *(
+            "extract_features.py",
+            "--device",
+            "cpu",
+            "--num_workers",
+            "0",
+            "--resume",
+            "{runs}/chamae/checkpoint-last.pth",
+        ),
+        *("--data_path", "{csv_metadata}/train.csv", "--metadata_columns", "plate,well", "--out", "{tmp}/meta.npz"),
     ],
 }
 """Real runs whose checkpoints the cases use; each must succeed."""
@@ -185,6 +198,18 @@ CASES = {
 }
 
 
+SIGNALLED = {
+    "sigterm-without-output_dir": [*PRETRAIN, "--output_dir", "", "--epochs", "50", "--print_freq", "1"],
+}
+"""Runs that get a SIGTERM once their first training step is logged."""
+
+
+SIGNALLED = {
+    "sigterm-without-output_dir": [*PRETRAIN, "--output_dir", "", "--epochs", "50", "--print_freq", "1"],
+}
+"""Runs that get a SIGTERM once their first training step is logged."""
+
+
 def sha256(path) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -301,6 +326,10 @@ def batch(paths):
     runs = [
         {"argv": resolve(argv, paths, case), "out": os.path.join(out, case)} for case, (argv, _, _) in CASES.items()
     ]
+    runs += [
+        {"argv": resolve(argv, paths, name), "out": os.path.join(out, name), "signal_at": "Epoch: [0]"}
+        for name, argv in SIGNALLED.items()
+    ]
     proc = subprocess.run(
         [sys.executable, "tests/cli_runner.py"],
         input=json.dumps(runs),
@@ -330,3 +359,103 @@ def test_bad_input_fresh_process(case, batch, paths):
     argv = resolve(CASES[case][0], paths, case + "-fresh")
     proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     check_contract(case, proc.returncode, proc.stderr, paths, saved)
+
+
+# ----------------------------------------------------------------------------------------------- what now works
+
+
+def test_metadata_columns_reach_the_features(batch, paths):
+    """A per-channel CSV whose plate and well columns are declared metadata: two channels, and the .npz of
+    extract_features.py holds one array per metadata column, aligned with the rows' paths."""
+    with np.load(os.path.join(paths["tmp"], "meta.npz")) as f:
+        assert list(f["metadata_columns"]) == ["plate", "well"]
+        assert f["features"].shape[0] == 4 and list(f["channel_ids"]) == [0, 1]
+        assert [p.split("|")[0].rsplit("/", 1)[1] for p in f["paths"]] == [f"s{i}_DNA.npy" for i in range(4)]
+        assert list(f["metadata_well"]) == ["A00", "A01", "A02", "A03"] and set(f["metadata_plate"]) == {"P1"}
+
+
+def write_per_channel_csv(root, header, rows):
+    rng = np.random.default_rng(1)
+    root.mkdir()
+    for row in rows:
+        for name in row[:2]:
+            np.save(root / name, rng.normal(size=(1, 16, 16)).astype(np.float32))
+    write_csv(root / "train.csv", [header, *rows])
+
+
+def test_metadata_columns_by_prefix_declaration_and_path_layout(tmp_path):
+    from util.data.builders import build_pretrain_dataset
+    from util.data.config import DataConfig
+    from util.data.errors import DatasetError
+
+    rows = [[f"a{i}.npy", f"b{i}.npy", "P1", f"A0{i}"] for i in range(3)]
+    write_per_channel_csv(tmp_path / "prefix", ["DNA", "RNA", "Metadata_Plate", "Metadata_Well"], rows)
+    (tmp_path / "prefix" / "b1.npy").write_bytes(b"\x93NUMPY")  # corrupt: dropped with --skip_bad_samples
+    config = DataConfig(data_path=str(tmp_path / "prefix" / "train.csv"), input_size=16, skip_bad_samples=True)
+    dataset = build_pretrain_dataset(config)
+    assert dataset.in_chans == 2 and len(dataset) == 2
+    assert dataset.metadata == {"Metadata_Plate": ["P1", "P1"], "Metadata_Well": ["A00", "A02"]}
+
+    write_per_channel_csv(tmp_path / "declared", ["DNA", "RNA", "plate", "site"], rows)
+    config = DataConfig(data_path=str(tmp_path / "declared"), input_size=16, metadata_columns="plate,site")
+    assert build_pretrain_dataset(config).metadata == {"plate": ["P1"] * 3, "site": ["A00", "A01", "A02"]}
+    with pytest.raises(DatasetError, match=r"--metadata_columns names \['well'\], which .*train.csv lacks"):
+        build_pretrain_dataset(DataConfig(data_path=str(tmp_path / "declared"), metadata_columns="plate,well"))
+
+    write_csv(tmp_path / "declared" / "paths.csv", [["path", "well"], *[[row[0], row[3]] for row in rows]])
+    dataset = build_pretrain_dataset(DataConfig(data_path=str(tmp_path / "declared" / "paths.csv"), input_size=16))
+    assert dataset.in_chans == 1 and dataset.metadata == {"well": ["A00", "A01", "A02"]}
+
+
+def test_resolved_arguments_and_tensorboard_axis(batch, paths):
+    """The arguments dump shows the patch size taken from the checkpoint; the test scalars of an epoch sit on the
+    x axis where its last training scalars are (1000 x epochs done)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with open(os.path.join(paths["tmp"], "logs", "finetune_6_channel_mae_on_channel_3.out")) as f:
+        out = f.read()
+    assert '"patch_size": 8' in out and "From the checkpoint" in out and "--patch_size 8" in out
+    events = EventAccumulator(os.path.join(paths["runs"], "vit"))
+    events.Reload()
+    steps = {tag: [e.step for e in events.Scalars(tag)] for tag in ("train_loss", "lr", "test_acc1", "test_loss")}
+    assert steps["train_loss"][-1] == steps["lr"][-1] == 1000  # 1 epoch: the last training scalars at x = 1000
+    assert steps["test_acc1"] == steps["test_loss"] == [1000]
+
+
+def test_sigterm_without_output_dir_says_nothing_was_saved(batch, paths):
+    statuses, _ = batch
+    prefix = os.path.join(paths["tmp"], "logs", "sigterm-without-output_dir")
+    with open(prefix + ".err") as f:
+        stderr = f.read()
+    assert statuses[prefix] == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "nothing was saved (--output_dir is '')" in stderr and "saved the checkpoint" not in stderr
+
+
+def test_help_shows_every_default(capsys):
+    import extract_features
+    import main_finetune
+    import main_linprobe
+    import main_pretrain
+    import plot_logs
+    import visualize
+
+    parsers = [m.get_args_parser() for m in (main_pretrain, main_finetune, main_linprobe, extract_features, visualize)]
+    for parser in [*parsers, plot_logs.get_args_parser()]:
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if action.option_strings and action.default not in (None, False, [], "==SUPPRESS=="):
+                shown = f"default: {action.default}" in text or "default" in (action.help or "").lower()
+                assert shown, f"{parser.prog}: {action.option_strings[0]} does not show its default"
+    assert "--batch_size BATCH_SIZE batch size per process (default: 64)" in " ".join(parsers[0].format_help().split())
+
+
+@pytest.mark.slow
+def test_local_submitit_job_folder_is_not_a_literal_percent_j(tmp_path):
+    from util import submit
+
+    argv = ["--cluster", "local", "--ngpus", "0", "--job_dir", str(tmp_path / "%j"), "--data_path", "absent"]
+    job = submit.submit("main_pretrain", submit.parse_args(__import__("main_pretrain").get_args_parser(), "t", argv))
+    job.wait()
+    folders = os.listdir(tmp_path)
+    assert len(folders) == 1 and folders[0].startswith("local-"), folders
+    assert "--data_path absent does not exist" in job.stderr()

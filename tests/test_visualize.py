@@ -180,7 +180,7 @@ def test_log_reconstructions_writes_png_and_tensorboard_image(tmp_path):
     )
     assert path == str(tmp_path / "vis" / "epoch_007.png")
     png = np.asarray(Image.open(path))
-    assert writer.images == [("reconstruction", png.shape, 7, "HWC")]
+    assert writer.images == [("reconstruction", png.shape, 8000, "HWC")]  # x = 1000 x epochs done
     assert writer.scalars == [f"vis_masked_mse/{c}" for c in "RGBHED"]
 
 

@@ -303,5 +303,6 @@ def save_stopped(stop, args, epoch: int, model_without_ddp, optimizer, loss_scal
     (``PROGRESS_KEY``, read back by ``resume_progress``) and flush TensorBoard; ``run_main`` then exits."""
     extra = {**(extra or {}), PROGRESS_KEY: stop.progress}
     stop.checkpoint = save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra, tag="last")
+    stop.unsaved = not args.output_dir
     if log_writer is not None:
         log_writer.flush()
