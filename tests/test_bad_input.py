@@ -170,7 +170,7 @@ CASES = {
     ),
     "pretrain-resume-text-file": (
         [*PRETRAIN, "--resume", "{text_file}"],
-        ["{text_file}", "text"],
+        ["{text_file} is a text file, not a checkpoint"],
         None,
     ),
     "finetune-eval-without-resume": ([*FINETUNE, "--eval"], ["--eval", "--resume"], None),

@@ -678,7 +678,7 @@ def test_eval_scores_the_checkpoint_on_what_it_was_trained_with(digits, tmp_path
     assert code == 0
     assert (
         f"From the checkpoint {ckpt}: --model channelvit_tiny_patch16 --model_kwargs embed_dim=64 depth=1 num_heads=2 "
-        f"--input_size 48 --data_path {other} --channels 0 --global_pool False"
+        f"--input_size 48 --patch_size 8 --data_path {other} --channels 0 --global_pool False"
     ) in out
     assert "val: 20 samples, channels [0], 10 classes, normalised with the checkpoint's statistics" in out
     stats = json.loads(out.strip().splitlines()[-1])
