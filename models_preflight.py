@@ -55,24 +55,32 @@ def check_family(path: str, state_dict: dict, model: str, flag: str):
 
 def check_classifier_checkpoint(path: str, state_dict: dict, model: str, flag: str):
     """For main_finetune / main_linprobe: ``--resume`` continues a classifier run, so a pretraining checkpoint (with
-    its decoder) belongs to ``--finetune``; either must fit ``--model``'s family (``check_family``)."""
+    its decoder) belongs to ``--finetune``. A resumed checkpoint must be of ``--model``'s family (``check_family``),
+    and so must a per-channel one given to ``--finetune`` (a whole-patch encoder may initialise a ChannelViT: its
+    patch projection is summed into one plane)."""
     if flag == "--resume" and is_pretrain_state(state_dict):
         raise CheckpointError(
             f"--resume {path} is a pretraining checkpoint (it holds an MAE decoder); --resume continues a "
             f"fine-tuning or linear-probing run from one of its own checkpoints. To start from these weights pass "
             f"--finetune {path}"
         )
-    if flag == "--finetune" and is_channel_state(state_dict) and not is_channel_name(model):
+    if flag == "--resume" or is_channel_state(state_dict):
         check_family(path, state_dict, model, flag)
 
 
 def check_pretrain_resume(args):
     """For main_pretrain: the checkpoint of ``--resume`` / ``--auto_resume`` is a pretraining one of ``--model``'s
-    family. Its tensors are memory-mapped, not read."""
+    family. Its tensors are memory-mapped, not read, and nothing is unpickled but tensors and plain values: a file
+    that needs --unsafe_load is left to the one full load of the resume (so no code in it runs twice)."""
     path = resolve_resume(args)
     if not path:
         return
-    state_dict, checkpoint_args, _ = read_checkpoint(path, unsafe=args.unsafe_load, mmap=True)
+    try:
+        state_dict, checkpoint_args, _ = read_checkpoint(path, mmap=True)
+    except CheckpointError:
+        if args.unsafe_load:
+            return
+        raise
     if not is_pretrain_state(state_dict):
         raise CheckpointError(
             f"--resume {path} is a classifier checkpoint (it holds no decoder): main_pretrain.py continues "

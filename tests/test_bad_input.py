@@ -148,6 +148,11 @@ CASES = {
         [CHAMAE, "--finetune"],
         None,
     ),
+    "finetune-resume-other-family": (
+        [*FINETUNE, "--resume", VIT, "--model", "vit_tiny_patch16"],
+        [VIT, "per-channel tokens", "channelvit_*"],
+        None,
+    ),
     "pretrain-resume-classifier-checkpoint": (
         [*PRETRAIN, "--resume", VIT],
         [VIT, "classifier checkpoint", "main_finetune.py"],
