@@ -1,7 +1,8 @@
-"""Checks of the model a run is about to build against its checkpoint and flags, before any data are read or a model
-is built: the checkpoint's kind (pretraining or classifier) and family (per-channel or whole-patch tokens), the
-patch size that tiles ``--input_size``, the channels a whole-patch model takes. Each failure is a ``RunError`` /
-``CheckpointError`` that names the flag that fits."""
+"""Checks of a run's model against its checkpoint, flags and data before compute is spent: before the data are
+read, the checkpoint's kind (pretraining or classifier) and family (per-channel or whole-patch tokens) and the patch
+size that tiles ``--input_size``; once the dataset is built (file headers only), the channels a whole-patch model
+takes and the ``--group_regex`` groups of the sample paths. Each failure is a ``RunError`` / ``CheckpointError``
+that names the flag that fits."""
 
 import re
 
