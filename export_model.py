@@ -24,6 +24,11 @@ def get_args_parser():
     parser.add_argument("--resume", required=True, help="checkpoint file (or model folder) to export")
     parser.add_argument("--out", required=True, help="output folder (created; its two files are replaced)")
     parser.add_argument("--no_decoder", action="store_true", help="keep the encoder only (a vit_* / channelvit_*)")
+    parser.add_argument(
+        "--no_training_args",
+        action="store_true",
+        help="leave the training run's flags (paths on its machine included) out of config.json",
+    )
     g = parser.add_argument_group("model (for files that record no arguments, e.g. published MAE files)")
     g.add_argument("--model", default=None, help="model name (checked against a recorded one's family)")
     g.add_argument("--model_kwargs", default=[], nargs="*", metavar="KEY=VALUE", help="e.g. num_heads=2")
@@ -49,6 +54,8 @@ def main(args):
         channels=channels,
         **parse_model_kwargs(args.model_kwargs),
     )
+    if args.no_training_args:
+        config["training_args"] = None
     try:
         paths = write_model_folder(args.out, model.state_dict(), config)
     except OSError as err:

@@ -5,6 +5,8 @@ and describes it in a ``config.json``; ``model_from_config`` builds that model a
 ``load(path)`` does either for a folder or a checkpoint file (``hubconf.py``).
 """
 
+import os
+
 import torch.nn as nn
 
 import models_chamae
@@ -13,6 +15,7 @@ from models_checkpoint import classifier_name, model_from_checkpoint, model_size
 from models_mae import SIZES
 from util.checkpoint import check_state_dict, read_checkpoint
 from util.errors import CheckpointError
+from util.features import is_channel_model
 from util.model_folder import is_model_folder, read_config, read_weights
 
 DECODER_PREFIXES = ("decoder_", "mask_token")
@@ -44,10 +47,6 @@ def model_from_config(config: dict, state_dict: dict, source: str) -> nn.Module:
     check_state_dict(net, state_dict, source)
     net.load_state_dict(state_dict)
     return net.eval()
-
-
-def is_channel_model(net) -> bool:
-    return hasattr(net, "channel_embed")
 
 
 def _input_planes(net) -> int:
@@ -146,7 +145,7 @@ def export(path: str, model=None, no_decoder=False, unsafe=False, channels=None,
         channels=channel_entries(net, checkpoint, **(channels or {})),
         timm=timm_entry(info["name"], kwargs, head) if info["kind"] == "classifier" else None,
         epoch=info["epoch"],
-        source=str(path),
+        source=os.path.basename(os.path.normpath(str(path))),
         training_args=info["args"] or None,
     )
     return model_from_config(config, state_dict, str(path)), config

@@ -148,7 +148,8 @@ def test_timm_loads_an_exported_vit(tmp_path, global_pool):
             "vit_tiny_patch16", img_size=32, patch_size=8, in_chans=6, num_classes=5, global_pool=True, **ENCODER
         )
         ckpt = save_ours(model, tmp_path / "ft.pth", "vit_tiny_patch16", IHC, ENCODER, global_pool=True)
-        config = export(ckpt, tmp_path / "model")
+        config = export(ckpt, tmp_path / "model", "--no_training_args")
+        assert config["training_args"] is None
     else:  # an MAE encoder, exported without its decoder
         model = models_chamae.create_model("mae_vit_tiny_patch16", img_size=32, patch_size=8, in_chans=6, **TINY)
         ckpt = save_ours(model, tmp_path / "mae.pth", "mae_vit_tiny_patch16", IHC)

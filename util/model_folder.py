@@ -12,8 +12,8 @@
 - ``channels``: one entry per embedding row (channel models) or input plane (MAE / ViT), in that order:
   ``{"name", "mean", "std"}`` (mean/std in raw pixel units, null where unknown);
 - ``timm``: for a ``vit_*`` model that plain timm can hold, the ``timm.create_model`` name and kwargs;
-- ``epoch``, ``source`` and ``training_args``: provenance (the training run's flags; only data flags are taken
-  from them, as from a checkpoint).
+- ``epoch``, ``source`` (the checkpoint's file name) and ``training_args``: provenance (the training run's flags,
+  null with ``--no_training_args``; only data flags are taken from them, as from a checkpoint).
 """
 
 import json
@@ -83,7 +83,10 @@ def read_config(path: str) -> dict:
     """``path/config.json`` of a model folder; ``CheckpointError`` when it is missing, unreadable or not ours."""
     config_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_path):
-        raise CheckpointError(f"{path} is a directory without {CONFIG_NAME}: not a model folder (export_model.py)")
+        raise CheckpointError(
+            f"{path} is a directory without {CONFIG_NAME}, so not a model folder (export_model.py writes those); "
+            "for a run's --output_dir pass one of its checkpoint-*.pth files"
+        )
     try:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
