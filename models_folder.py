@@ -18,8 +18,6 @@ from util.errors import CheckpointError
 from util.features import is_channel_model
 from util.model_folder import is_model_folder, read_config, read_weights
 
-DECODER_PREFIXES = ("decoder_", "mask_token")
-
 
 def head_of(state_dict: dict) -> tuple[str | None, int]:
     """(head kind, number of classes): ('linear', K), ('batchnorm_linear', K) for a linear probe's, or (None, 0)."""
@@ -94,16 +92,23 @@ def decoder_entry(net, args: dict) -> dict | None:
     )
 
 
-def timm_entry(name: str, kwargs: dict, head: str | None) -> dict | None:
-    """``timm.create_model`` name and kwargs of a ``vit_*`` model whose keys and computation are plain timm's."""
+def timm_fields(name: str, kwargs: dict, head: str | None) -> dict:
+    """For a ``vit_*`` model whose keys and computation are plain timm's: timm's own config.json keys
+    (``architecture``, ``model_args``, ``pretrained_cfg``), so ``timm.create_model('local-dir:DIR', pretrained=True)``
+    rebuilds it; {} for any other model."""
     if not name.startswith("vit_") or head == "batchnorm_linear":
-        return None
+        return {}
     size = model_size(name)
-    timm_name = f"vit_{size}_patch{SIZES[size]['patch_size']}_224" if size else "vit_base_patch16_224"
-    timm_kwargs = {k: v for k, v in kwargs.items() if k not in ("num_channels", "hcs", "global_pool")}
+    architecture = f"vit_{size}_patch{SIZES[size]['patch_size']}_224" if size else "vit_base_patch16_224"
+    model_args = {k: v for k, v in kwargs.items() if k not in ("num_channels", "hcs", "global_pool")}
     pool = bool(kwargs.get("global_pool"))
-    timm_kwargs.update(global_pool="avg" if pool else "token", fc_norm=pool)
-    return dict(model_name=timm_name, kwargs=timm_kwargs)
+    model_args.update(global_pool="avg" if pool else "token", fc_norm=pool)
+    image = [model_args["in_chans"], model_args["img_size"], model_args["img_size"]]
+    return dict(
+        architecture=architecture,
+        model_args=model_args,
+        pretrained_cfg=dict(input_size=image, num_classes=model_args["num_classes"]),
+    )
 
 
 def export(path: str, model=None, no_decoder=False, unsafe=False, channels=None, **overrides) -> tuple[nn.Module, dict]:
@@ -143,11 +148,12 @@ def export(path: str, model=None, no_decoder=False, unsafe=False, channels=None,
         num_classes=kwargs.get("num_classes", 0),
         decoder=decoder,
         channels=channel_entries(net, checkpoint, **(channels or {})),
-        timm=timm_entry(info["name"], kwargs, head) if info["kind"] == "classifier" else None,
         epoch=info["epoch"],
         source=os.path.basename(os.path.normpath(str(path))),
         training_args=info["args"] or None,
     )
+    if info["kind"] == "classifier":
+        config.update(timm_fields(info["name"], kwargs, head))
     return model_from_config(config, state_dict, str(path)), config
 
 

@@ -154,15 +154,16 @@ def test_timm_loads_an_exported_vit(tmp_path, global_pool):
         model = models_chamae.create_model("mae_vit_tiny_patch16", img_size=32, patch_size=8, in_chans=6, **TINY)
         ckpt = save_ours(model, tmp_path / "mae.pth", "mae_vit_tiny_patch16", IHC)
         config = export(ckpt, tmp_path / "model", "--no_decoder")
-    assert config["model"] == "vit_tiny_patch16" and config["timm"]["model_name"] == "vit_tiny_patch16_224"
+    assert config["model"] == "vit_tiny_patch16" and config["architecture"] == "vit_tiny_patch16_224"
     weights = tmp_path / "model" / "model.safetensors"
     overlay = dict(file=str(weights), num_classes=config["num_classes"])  # same head size: timm loads strictly
-    net = timm.create_model(
-        config["timm"]["model_name"], pretrained=True, pretrained_cfg_overlay=overlay, **config["timm"]["kwargs"]
-    )
+    kwargs = config["model_args"]
+    net = timm.create_model(config["architecture"], pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    from_dir = timm.create_model(f"local-dir:{tmp_path / 'model'}", pretrained=True)  # timm reads config.json itself
     saved = load_file(weights)
-    assert net.state_dict().keys() == saved.keys()
-    assert all(torch.equal(net.state_dict()[k], v) for k, v in saved.items())
+    for loaded in (net, from_dir):
+        assert loaded.state_dict().keys() == saved.keys()
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in saved.items())
     ours = models_folder.load(str(tmp_path / "model")).eval()
     imgs = torch.randn(3, 6, 32, 32)
     with torch.no_grad():

@@ -11,7 +11,8 @@
 - ``decoder``: null, or the decoder's kind, width, depth, heads, ``norm_pix_loss`` and ``mask_ratio``;
 - ``channels``: one entry per embedding row (channel models) or input plane (MAE / ViT), in that order:
   ``{"name", "mean", "std"}`` (mean/std in raw pixel units, null where unknown);
-- ``timm``: for a ``vit_*`` model that plain timm can hold, the ``timm.create_model`` name and kwargs;
+- ``architecture``, ``model_args``, ``pretrained_cfg``: timm's own config.json keys, for a ``vit_*`` model that plain
+  timm can hold (``timm.create_model('local-dir:DIR', pretrained=True)``);
 - ``epoch``, ``source`` (the checkpoint's file name) and ``training_args``: provenance (the training run's flags,
   null with ``--no_training_args``; only data flags are taken from them, as from a checkpoint).
 """
