@@ -147,9 +147,10 @@ def add_common_args(parser: argparse.ArgumentParser):
 
 
 def setup_run(args) -> torch.device:
-    """Join the process group, pick the device and AMP mode, seed (seed + rank), create the output dirs and check
-    that they are writable, and (rank 0, unless ``--eval``) make this run the owner of ``--output_dir``
-    (``lock_output_dir``, ``check_new_or_resumed``); ``OutputError`` before any training otherwise."""
+    """Refuse ``--wandb`` without the wandb package, join the process group, pick the device and AMP mode, seed
+    (seed + rank), create the output dirs and check that they are writable, and (rank 0, unless ``--eval``) make this
+    run the owner of ``--output_dir`` (``lock_output_dir``, ``check_new_or_resumed``); ``OutputError`` before any
+    training otherwise."""
     check_wandb(args)
     init_distributed_mode(args)
     if args.log_dir is None:
