@@ -210,7 +210,8 @@ def model_from_checkpoint(path, model=None, input_size=None, encoder_only=False,
     encoder_only: build a classifier (vit_* / channelvit_*) without head even from a pretraining checkpoint.
     overrides: further model kwargs (e.g. norm_pix_loss=True, mask_mode='spatial', num_heads=2).
 
-    Returns (model, info) with info = {'name', 'kind' ('pretrain' | 'classifier'), 'args', 'epoch'}.
+    Returns (model, info) with info = {'name', 'kind' ('pretrain' | 'classifier'), 'args', 'epoch', 'kwargs' (the
+    ``create_model`` kwargs it was built with)}.
     A pretraining checkpoint gives the MAE / ChannelMAE with its decoder unless encoder_only; a classifier
     checkpoint (or an encoder-only published file) gives the classifier with num_classes=0 (no head).
     """
@@ -264,7 +265,8 @@ def model_from_checkpoint(path, model=None, input_size=None, encoder_only=False,
     net.eval()
     epoch = checkpoint.get("epoch")
     epoch = epoch if isinstance(epoch, int) else None
-    return net, dict(name=name, kind="pretrain" if pretrain else "classifier", args=args, epoch=epoch)
+    kind = "pretrain" if pretrain else "classifier"
+    return net, dict(name=name, kind=kind, args=args, epoch=epoch, kwargs=kwargs)
 
 
 def num_known_channels(dataset) -> int:

@@ -43,7 +43,7 @@ def get_args_parser():
         description=__doc__.split("\n\n")[0],
         limits={"scale": Limit(1), "mask_ratio": Limit(0, 1, low_open=True, high_open=True)},
     )
-    parser.add_argument("--resume", required=True, help="checkpoint with a decoder (ours or published MAE)")
+    parser.add_argument("--resume", required=True, help="checkpoint with a decoder (ours, published MAE, model folder)")
     parser.add_argument("--out", default="recon.png", help="output PNG")
     parser.add_argument("--n", default=8, type=int, help="number of samples")
     parser.add_argument("--mask_ratio", default=None, type=float, help="default: the checkpoint's, else 0.75")

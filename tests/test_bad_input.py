@@ -194,6 +194,11 @@ CASES = {
         ["--out", "{text_file}/stats.json"],
         None,
     ),
+    "export-random-bytes": (
+        ["export_model.py", "--resume", "{random_bytes}", "--out", "{tmp}/folder"],
+        ["{random_bytes} is not a checkpoint"],
+        None,
+    ),
     "plot_logs-missing-log": (["plot_logs.py", "{tmp}/absent/log.txt", "-o", "{tmp}/c.png"], ["{tmp}/absent"], None),
     "plot_logs-unwritable-out": (
         ["plot_logs.py", "{runs}/vit/log.txt", "-o", "{text_file}/c.png"],
