@@ -5,8 +5,6 @@ into the encoder; ``--eval --resume ckpt`` scores a checkpoint and exits. With n
 on the bundled ``sample_data/digits``. Flags that belong to a checkpoint default to its values (``CHECKPOINT_EPILOG``).
 """
 
-import argparse
-
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -19,16 +17,16 @@ from util.amp import NativeScaler
 from util.cli import add_common_args, describe_optimizer, run_main, setup_run
 from util.data.errors import DatasetError
 from util.distributed import wrap_model
+from util.flags import ArgumentParser
 from util.optim import scale_lr
 from util.trainer import TrainState
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         "ViT / ChannelViT fine-tuning for image classification",
         add_help=False,
         epilog=CHECKPOINT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--batch_size", default=64, type=int, help="batch size per process")
     parser.add_argument("--epochs", default=20, type=int)

@@ -4,7 +4,6 @@ With no flags at all it pretrains a tiny ChannelMAE on the bundled ``sample_data
 else on the CPU, writing checkpoints, ``log.txt`` (one JSON line per epoch) and TensorBoard events to ./output_dir.
 """
 
-import argparse
 import os
 
 import torch
@@ -13,6 +12,7 @@ import models_chamae
 import util.vis as vis
 from engine_pretrain import train_one_epoch
 from models_checkpoint import build_pretrain_model
+from models_preflight import check_patch_grid, check_pretrain_resume, model_patch_size
 from util.amp import NativeScaler
 from util.cli import (
     add_common_args,
@@ -26,6 +26,7 @@ from util.data.errors import DatasetError
 from util.data.stats import normalization_record
 from util.distributed import is_main_process, wrap_model
 from util.errors import RunError
+from util.flags import ArgumentParser
 from util.loaders import build_train_loader
 from util.optim import pretrain_param_groups, scale_lr
 from util.trainer import TrainState, fit
@@ -34,7 +35,7 @@ REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("MAE / ChannelMAE pre-training", add_help=False)
+    parser = ArgumentParser("MAE / ChannelMAE pre-training", add_help=False)
     parser.add_argument("--batch_size", default=64, type=int, help="batch size per process")
     parser.add_argument("--epochs", default=20, type=int)
     parser.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
@@ -95,6 +96,9 @@ def check_flags(args):
     channel_flags += ["--hcs"] if args.hcs else []
     if channel_flags and args.model.startswith("mae_"):
         raise RunError(f"{' and '.join(channel_flags)} need a chamae_* model; {args.model} masks whole patches")
+    source = "--patch_size" if args.patch_size else f"--model {args.model}"
+    args.patch_size = model_patch_size(args.model, args.patch_size, args.model_kwargs)
+    check_patch_grid(args.input_size, args.patch_size, source)
 
 
 def check_channels(args, dataset):
@@ -107,6 +111,7 @@ def check_channels(args, dataset):
 
 def main(args):
     check_flags(args)
+    check_pretrain_resume(args)
     device = setup_run(args)
 
     dataset_train = build_pretrain_dataset(args)

@@ -46,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import models_chamae  # noqa: E402
 import models_mae  # noqa: E402
 import models_vit  # noqa: E402
+from util.flags import ArgumentParser  # noqa: E402
 
 RESULT_PREFIX = "BENCH_RESULT "
 MB = 2**20
@@ -87,7 +88,7 @@ VARIANT_KEYS = ("model", "input_size", "batch_size", "decoder", "decode_ratio", 
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("ChannelMAE training-step benchmark", add_help=True)
+    parser = ArgumentParser("ChannelMAE training-step benchmark", add_help=True)
     models = [*models_chamae.PRETRAIN_MODELS, *models_vit.FINETUNE_MODELS]
     parser.add_argument("--models", nargs="+", default=["chamae_vit_base_patch16"], choices=models, metavar="NAME")
     parser.add_argument("--channels", nargs="+", type=int, default=[3], help="C values (in_chans for mae_*/vit_*)")

@@ -64,6 +64,13 @@ def add_reading_args(group):
         metavar="VALUE",
         help="replace NaN and infinite pixels by VALUE (raw units) when reading (default: such a file is an error)",
     )
+    group.add_argument(
+        "--metadata_columns",
+        default=None,
+        metavar="COLUMNS",
+        help="CSV columns that are per-sample metadata, not channels, e.g. 'plate,well' (always: Metadata_* "
+        "columns, and in a CSV with a 'path' column every column but path and label); kept in extracted features",
+    )
 
 
 def add_data_args(parser: argparse.ArgumentParser):

@@ -182,11 +182,13 @@ def fit(
 
 
 def log_epoch(state: TrainState, epoch: int, train_stats: dict, test_stats: dict, dataset=None):
-    """The test scalars to TensorBoard (x = epoch) and one ``log.txt`` line for ``epoch``."""
+    """The test scalars to TensorBoard and one ``log.txt`` line for ``epoch``. TensorBoard's x axis is 1000 x the
+    epochs done for every scalar (``util.metric_log.log_train_step``), so the test scalars of ``epoch`` sit at
+    1000 x (epoch + 1), where its last training scalars are."""
     if state.log_writer is not None:
         for key in ("acc1", "acc5", "loss"):
             if key in test_stats:
-                state.log_writer.add_scalar(f"test_{key}", test_stats[key], epoch)
+                state.log_writer.add_scalar(f"test_{key}", test_stats[key], (epoch + 1) * 1000)
     log_stats = {
         **{f"train_{k}": v for k, v in train_stats.items()},
         **{f"test_{k}": v for k, v in test_stats.items()},
