@@ -6,7 +6,8 @@ Dataset layouts (``--data_path``)
       column (one file per sample) or one column per channel (one single-channel file per channel, as in
       cell painting; every column other than ``label`` is a channel). ``label`` holds class names and may be
       empty; relative paths resolve against the CSV's folder;
-    * unlabelled, pretraining only: every image under ``root/train`` if that folder exists, else under ``root``.
+    * unlabelled, pretraining only: every image under ``root/train`` if that folder exists, else under ``root``;
+    * a packed store written by ``pack_dataset.py`` (``util.data.packed``): its train (and val) split.
 
 A sample is ``(files, label)``: files is one path, or a list of one single-channel path per channel.
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from util.data.config import DataConfig
 from util.data.errors import DatasetError, MissingPathError
+from util.data.packed import is_packed_store, packed_samples
 from util.data.readers import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -113,7 +115,9 @@ def _read_csv(csv_path, classes=None):
 
 
 def labelled_split(root, split, classes):
-    """(samples, classes, csv channel names) of root/<split>.csv or root/<split>/<class>/."""
+    """(samples, classes, csv channel names) of root/<split>.csv, root/<split>/<class>/ or a packed store."""
+    if is_packed_store(root):
+        return (*packed_samples(root, split, classes), None)
     csv_path = root / f"{split}.csv"
     if csv_path.is_file():
         return _read_csv(csv_path, classes)
@@ -124,6 +128,8 @@ def labelled_split(root, split, classes):
 
 def unlabelled_samples(path):
     """(samples with label -1, csv channel names) for pretraining."""
+    if is_packed_store(path):
+        return [(ref, -1) for ref, _ in packed_samples(path, "train")[0]], None
     if path.is_file() and path.suffix.lower() != ".csv":
         raise DatasetError(f"--data_path {path} is a file but not a .csv index")
     csv_path = path if path.is_file() else path / "train.csv"
