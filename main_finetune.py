@@ -17,6 +17,7 @@ from models_checkpoint import build_classifier, load_pretrained
 from models_flags import CHECKPOINT_EPILOG, add_model_args, resolve_checkpoint_flags
 from util.amp import NativeScaler
 from util.cli import add_common_args, describe_optimizer, run_main, setup_run
+from util.data.device_augment import add_gpu_augment_arg
 from util.data.errors import DatasetError
 from util.distributed import wrap_model
 from util.optim import scale_lr
@@ -71,6 +72,7 @@ def get_args_parser():
     g.add_argument("--dist_eval", action="store_true", help="distributed evaluation (each process a shard)")
 
     add_common_args(parser)
+    add_gpu_augment_arg(parser)
     parser.set_defaults(data_path=None, input_size=None)  # DEFAULTS, after the checkpoint's (CHECKPOINT_EPILOG)
     return parser
 

@@ -22,6 +22,7 @@ from util.cli import (
     setup_run,
 )
 from util.data.builders import build_pretrain_dataset
+from util.data.device_augment import add_gpu_augment_arg, training_items
 from util.data.errors import DatasetError
 from util.data.stats import normalization_record
 from util.distributed import is_main_process, wrap_model
@@ -75,6 +76,7 @@ def get_args_parser():
     g.add_argument("--clip_grad", default=None, type=float, metavar="NORM", help="clip the gradient norm")
 
     add_common_args(parser)
+    add_gpu_augment_arg(parser)
     parser.set_defaults(data_path=os.path.join(REPO_DIR, "sample_data", "ihc"), input_size=64)
     return parser
 
@@ -114,7 +116,7 @@ def main(args):
     args.normalization = normalization_record(dataset_train)  # saved with the checkpoints, for fine-tuning
     check_channels(args, dataset_train)
     channel_ids = torch.as_tensor(dataset_train.channel_ids, dtype=torch.long, device=device)
-    data_loader_train = build_train_loader(dataset_train, args)
+    data_loader_train = build_train_loader(training_items(dataset_train, args), args)
     vis_batch = None
     if args.vis_every > 0 and is_main_process():
         vis_batch = vis.fixed_batch(dataset_train, args.vis_n, args.seed).to(device)

@@ -56,6 +56,7 @@ def _loader(dataset, sampler, args, drop_last: bool, generator: torch.Generator)
         pin_memory=args.pin_mem and str(args.device).startswith("cuda"),
         drop_last=drop_last,
         generator=generator,
+        collate_fn=getattr(dataset, "collate_fn", None),
         worker_init_fn=_worker_ignores_stop_signals,
     )
 

@@ -253,7 +253,7 @@ def write_store(plan: Plan, out, config: DataConfig, progress: bool = True) -> d
         manifest["complete"] = True
         _write_json(out / STORE_FILENAME, manifest)
     if not (out / STATS_FILENAME).is_file():
-        write_channel_stats(str(out), out / STATS_FILENAME)
+        write_channel_stats(str(out), out / STATS_FILENAME, allow_mixed_sizes=config.allow_mixed_sizes)
     return dict(
         samples={name: len(s["samples"]) for name, s in plan.splits.items()},
         groups=sum(len(s["groups"]) for s in plan.splits.values()),
