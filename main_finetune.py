@@ -20,6 +20,7 @@ from util.cli import add_common_args, describe_optimizer, run_main, setup_run
 from util.data.device_augment import add_gpu_augment_arg
 from util.data.errors import DatasetError
 from util.distributed import wrap_model
+from util.fast_paths import adamw_kwargs
 from util.optim import scale_lr
 from util.trainer import TrainState
 
@@ -113,7 +114,7 @@ def main(args):
     param_groups = param_groups_layer_decay(
         model_without_ddp, args.weight_decay, model_without_ddp.no_weight_decay(), layer_decay=args.layer_decay
     )
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, **adamw_kwargs(device, not args.no_fast_paths))
     loss_scaler = NativeScaler(device, args.amp)
     if mixup_fn is not None:
         criterion = SoftTargetCrossEntropy()

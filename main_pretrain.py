@@ -27,6 +27,7 @@ from util.data.errors import DatasetError
 from util.data.stats import normalization_record
 from util.distributed import is_main_process, wrap_model
 from util.errors import RunError
+from util.fast_paths import adamw_kwargs
 from util.loaders import build_train_loader
 from util.optim import pretrain_param_groups, scale_lr
 from util.trainer import TrainState, fit
@@ -132,7 +133,10 @@ def main(args):
     scale_lr(args)
 
     optimizer = torch.optim.AdamW(
-        pretrain_param_groups(model_without_ddp, args.weight_decay), lr=args.lr, betas=(0.9, 0.95)
+        pretrain_param_groups(model_without_ddp, args.weight_decay),
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        **adamw_kwargs(device, not args.no_fast_paths),
     )
     loss_scaler = NativeScaler(device, args.amp)
     print(f"AMP: {args.amp}; {describe_optimizer(optimizer)}")

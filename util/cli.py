@@ -16,6 +16,7 @@ from util.amp import AMP_DTYPES, resolve_amp
 from util.checkpoint import args_to_dict
 from util.distributed import cleanup_distributed, default_device, get_rank, init_distributed_mode, is_main_process
 from util.errors import RunError
+from util.fast_paths import enable_fast_paths
 from util.metric_log import NonFiniteLossError
 from util.output_dir import check_new_or_resumed, check_writable, lock_output_dir, release_output_dir
 from util.preemption import TrainingStopped, restore_stop_handlers
@@ -126,6 +127,7 @@ def add_runtime_args(parser: argparse.ArgumentParser):
         help="autocast dtype (default: bf16/fp16 on CUDA, none on CPU)",
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--no_fast_paths", action="store_true", help="no TF32, cudnn.benchmark, fused AdamW on CUDA")
     g.add_argument("--grad_checkpointing", action="store_true", help="activation checkpointing in the blocks")
 
 
@@ -157,6 +159,7 @@ def setup_run(args) -> torch.device:
         args.log_dir = args.output_dir
     device = torch.device(args.device)
     args.amp = resolve_amp(args.amp, device)
+    enable_fast_paths(device, not getattr(args, "no_fast_paths", False))
     seed_everything(args.seed + get_rank())
     if is_main_process():
         for flag, path in (("--output_dir", args.output_dir), ("--log_dir", args.log_dir)):
