@@ -23,6 +23,8 @@ from util.data.config import DataConfig
 from util.data.device_augment import WindowCrops, collate_windows, training_items
 from util.data.errors import DatasetError
 from util.data.packed import STORE_FILENAME, PackedRef
+from util.fast_paths import adamw_kwargs, enable_fast_paths
+from util.loaders import default_num_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]
@@ -225,3 +227,26 @@ def test_pretrain_cli_with_gpu_augment_on_a_packed_store(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data: " in proc.stdout  # the per-step input time stays in the log
     assert list((tmp_path / "out").glob("checkpoint-*.pth")) and list((tmp_path / "out" / "vis").glob("*.png"))
+
+
+def test_fast_paths_only_on_cuda_and_worker_default(monkeypatch):
+    precision = torch.get_float32_matmul_precision()
+    assert enable_fast_paths(torch.device("cpu")) == [] and adamw_kwargs(torch.device("cpu")) == {}
+    assert torch.get_float32_matmul_precision() == precision and not torch.backends.cudnn.benchmark
+    assert adamw_kwargs(torch.device("cuda")) == {"fused": True} and adamw_kwargs(torch.device("cuda"), False) == {}
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert default_num_workers() == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_num_workers() == 3
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh --dry_run: every step of the GPU validation on the CPU with tiny models and data."""
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry_run", str(tmp_path)], cwd=ROOT, timeout=900)
+    assert proc.returncode == 0
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "exit" in summary and all(": exit 0," in line for line in summary.splitlines() if ": exit " in line)
+    assert "waiting for data" in summary and summary.count("-> ok") == 2 and "| packed | device |" in summary
+    report = json.loads((tmp_path / "train_bf16_eager.json").read_text())
+    assert {r["model"] for r in report["results"]} == {"mae_vit_base_patch16", "chamae_vit_base_patch16"}
