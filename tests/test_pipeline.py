@@ -76,6 +76,7 @@ def test_packed_cell_painting_equals_the_files_and_keeps_names_and_stats(tmp_pat
     original = build_pretrain_dataset(DataConfig(data_path=str(src), **config))
     packed = build_pretrain_dataset(DataConfig(data_path=str(tmp_path / "store"), **config))
     assert all(isinstance(files, PackedRef) for files, _ in packed.samples)
+    assert [str(files) for files, _ in packed.samples] == ["|".join(files) for files, _ in original.samples]
     assert_same_pixels(original, packed)
     assert packed.channel_names == CHANNELS
     stats = json.loads((tmp_path / "store" / "channel_stats.json").read_text())

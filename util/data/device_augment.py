@@ -53,16 +53,20 @@ class RawBatch:
 
 
 def collate_windows(items) -> tuple:
-    """[((window (C, h, w), flips (2,)), label)] -> (RawBatch, labels (N,))."""
-    windows = [window for (window, _), _ in items]
-    channels = windows[0].shape[0]
-    height, width = max(w.shape[1] for w in windows), max(w.shape[2] for w in windows)
-    pixels = torch.empty((len(windows), channels, height, width), dtype=windows[0].dtype)  # padding is never read
-    for i, window in enumerate(windows):
-        pixels[i, :, : window.shape[1], : window.shape[2]] = window
-    sizes = torch.tensor([w.shape[1:] for w in windows], dtype=torch.int64)
-    flips = torch.stack([flips for (_, flips), _ in items])
-    return RawBatch(pixels, sizes, flips), torch.tensor([label for _, label in items], dtype=torch.int64)
+    """[((window (C0, h, w), channel ids or None for all, flips (2,)), label)] -> (RawBatch, labels (N,)).
+
+    A window may be a view of a packed sample's memory map: each selected channel is copied once, straight from
+    it into the batch (zero padding is not written; the device never reads it)."""
+    windows = [(window, range(len(window)) if ids is None else ids) for (window, ids, _), _ in items]
+    height, width = max(w.shape[1] for w, _ in windows), max(w.shape[2] for w, _ in windows)
+    pixels = np.empty((len(windows), len(windows[0][1]), height, width), dtype=windows[0][0].dtype)
+    for i, (window, ids) in enumerate(windows):
+        for k, c in enumerate(ids):
+            pixels[i, k, : window.shape[1], : window.shape[2]] = window[c]
+    sizes = torch.tensor([w.shape[1:] for w, _ in windows], dtype=torch.int64)
+    flips = torch.stack([flips for (_, _, flips), _ in items])
+    labels = torch.tensor([label for _, label in items], dtype=torch.int64)
+    return RawBatch(torch.from_numpy(pixels), sizes, flips), labels
 
 
 class DeviceAugment:
@@ -103,7 +107,7 @@ def split_train_transform(transform):
 class WindowCrops(torch.utils.data.Dataset):
     """The training items of ``dataset`` with the random resized crop cut from the raw pixels before anything else.
 
-    Item: the CPU transform's (C, size, size) float tensor (``on_device`` False), or ((raw window (C, h, w),
+    Item: the CPU transform's (C, size, size) float tensor (``on_device`` False), or ((raw window, channel ids,
     flips (2,) bool), label) for ``collate_windows`` and ``device_augment`` (``on_device`` True).
     """
 
@@ -131,8 +135,9 @@ class WindowCrops(torch.utils.data.Dataset):
         return self.dataset.load_raw(index), False
 
     def _window(self, index):
-        """(window (C', h, w) array, flips (2,) bool, the sample index read) with ``--skip_bad_samples``'s
-        replacement of unreadable samples."""
+        """(window (C0, h, w), the channel ids still to take from it or None, flips (2,) bool, the sample index
+        read), with ``--skip_bad_samples``'s replacement of unreadable samples. A packed integer sample's window is
+        a view of its memory map: nothing is read yet."""
         for _ in range(len(self.dataset)):
             try:
                 pixels, select = self._pixels(index)
@@ -150,18 +155,18 @@ class WindowCrops(torch.utils.data.Dataset):
         for p, axis in self.flip_ops:  # one draw per flip transform, as v2's RandomHorizontalFlip/VerticalFlip
             flips[axis] = bool(torch.rand(1) < p)
         window = pixels[:, box["top"] : box["top"] + box["height"], box["left"] : box["left"] + box["width"]]
-        if select:
-            files = self.dataset.samples[index][0]
-            window = fill_non_finite(window[self.dataset.channel_ids], files, self.dataset.nan_fill)
-        return np.ascontiguousarray(window), flips, index
+        ids = self.dataset.channel_ids if select else None
+        if select and window.dtype.kind == "f":
+            window, ids = fill_non_finite(window[ids], self.dataset.samples[index][0], self.dataset.nan_fill), None
+        return window, ids, flips, index
 
     def __getitem__(self, index):
-        window, flips, index = self._window(index)
+        window, ids, flips, index = self._window(index)
         label = self.dataset.samples[index][1]
         if self.on_device:
-            return (torch.from_numpy(window), flips), label
+            return (window, ids, flips), label
         crop = self.crop
-        x = torch.from_numpy(window.astype(np.float32))
+        x = torch.from_numpy(np.asarray(window if ids is None else window[ids], dtype=np.float32))
         x = TF.resize(x, crop.size, interpolation=crop.interpolation, antialias=crop.antialias)
         x = TF.horizontal_flip(x) if flips[0] else x
         x = TF.vertical_flip(x) if flips[1] else x

@@ -141,6 +141,7 @@ def _manifest(plan: Plan, complete: bool) -> dict:
     for name, split in plan.splits.items():
         groups = [{**g, "file": f"{name}-{i:03d}.npy"} for i, g in enumerate(split["groups"])]
         splits[name] = {"groups": groups, "index": f"{name}-index.npy", "done": f"{name}-done.npy"}
+        splits[name]["sources"] = f"{name}-sources.json"
         splits[name]["num_samples"] = len(split["samples"])
     return dict(
         format=FORMAT,
@@ -170,6 +171,8 @@ def _open_arrays(out: Path, manifest: dict, plan: Plan, fresh: bool) -> dict:
             labels = [label for _, label in plan.splits[name]["samples"]]
             index = np.array([(g, row, label) for (g, row), label in zip(keys, labels)], dtype=np.int64)
             np.save(out / info["index"], index.reshape(-1, 3))
+            sources = ["|".join(as_list(files)) for files, _ in plan.splits[name]["samples"]]
+            (out / info["sources"]).write_text(json.dumps(sources) + "\n")
         mode = "w+" if fresh else "r+"
         arrays = [
             np.lib.format.open_memmap(out / g["file"], mode, np.dtype(g["dtype"]), (g["count"], *g["shape"]))

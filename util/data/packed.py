@@ -7,6 +7,7 @@ then works wherever a dataset is accepted. Layout of DST::
     <split>-<g>.npy        samples of one (C, H, W) shape and dtype: a (N, C, H, W) .npy array (numpy format)
     <split>-index.npy      (n, 3) int64 per sample in listing order: group, row in the group, label (-1: none)
     <split>-done.npy       (n,) uint8 progress marker: 1 once the sample's pixels are written (resuming)
+    <split>-sources.json   the source file(s) of every sample, in listing order (per-channel files joined by '|')
     channels.txt           channel names, one per line, when the sources name their channels
     channel_stats.json     per-channel statistics of the train split (``python -m util.data.stats`` format)
 
@@ -33,15 +34,16 @@ _MEMMAPS = {}  # (pid, path) -> the opened array, one mapping per process and fi
 
 
 class PackedRef(str):
-    """One sample of a packed store: the path of its group array and its row, printed as ``path[row]``."""
+    """One sample of a packed store: the path of its group array and its row. As a string it is the sample's
+    source file (per-channel files joined by '|'), so paths in outputs and ``--group_regex`` see the originals."""
 
-    def __new__(cls, array: str, row: int):
-        ref = super().__new__(cls, f"{array}[{row}]")
+    def __new__(cls, array: str, row: int, source: str):
+        ref = super().__new__(cls, source)
         ref.array, ref.row = str(array), int(row)
         return ref
 
     def __reduce__(self):
-        return PackedRef, (self.array, self.row)
+        return PackedRef, (self.array, self.row, str(self))
 
 
 def is_packed_store(path) -> bool:
@@ -100,6 +102,7 @@ def packed_samples(root, split: str, classes=None):
     if classes is not None and list(classes) != manifest["classes"]:
         raise DatasetError(f"--data_path {root}: the packed {split} split's classes differ from the train split's")
     index = np.load(root / info["index"], allow_pickle=False)
+    sources = json.loads((root / info["sources"]).read_text())
     files = [str(root / group["file"]) for group in info["groups"]]
-    samples = [(PackedRef(files[g], row), int(label)) for g, row, label in index.tolist()]
+    samples = [(PackedRef(files[g], row, src), int(label)) for (g, row, label), src in zip(index.tolist(), sources)]
     return samples, list(manifest["classes"])
