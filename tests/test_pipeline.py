@@ -198,6 +198,26 @@ def test_window_crops_give_the_cpu_transform_exactly(tmp_path, vflip):
             torch.testing.assert_close(crops.device_augment(batch.to("cpu"))[0], expected, rtol=1e-6, atol=1e-5)
 
 
+def test_device_batches_from_a_worker_equal_those_of_the_main_process(tmp_path):
+    """A DataLoader worker builds --gpu_augment batches in shared memory; they equal the main process's (whole
+    square fields, no flips: the same windows whatever the random streams)."""
+    src = cell_painting(tmp_path / "src", sizes=((40, 40),) * 4)
+    assert pack("--data_path", src, "--out", tmp_path / "store")[0] == 0
+    flags = dict(data_path=str(tmp_path / "store"), input_size=16, scale=[1.0, 1.0], hflip=0.0)
+    crops = WindowCrops(build_pretrain_dataset(DataConfig(**flags)), True)
+
+    def batches(workers):
+        generator = torch.Generator().manual_seed(0)
+        loader = torch.utils.data.DataLoader(
+            crops, batch_size=2, num_workers=workers, collate_fn=crops.collate_fn, generator=generator
+        )
+        return [crops.device_augment(batch) for batch, _ in loader]
+
+    for a, b in zip(batches(0), batches(1), strict=True):
+        assert a.shape == (2, 5, 16, 16)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_packed_training_reads_windows_and_gpu_augment_needs_the_crop_transform(tmp_path):
     src = cell_painting(tmp_path / "src", sizes=((32, 32),) * 2)
     assert pack("--data_path", src, "--out", tmp_path / "store")[0] == 0

@@ -10,6 +10,7 @@ raw window and ``DeviceAugment`` does the rest on the batch's device. Evaluation
 """
 
 import argparse
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,15 @@ class RawBatch:
         return RawBatch(self.pixels.to(**move), self.sizes, self.flips.to(**move))
 
 
+def _batch_buffer(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor, allocated in shared memory inside a DataLoader worker (as ``default_collate``
+    allocates its stacks), so that handing the batch to the main process does not copy it once more."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype).untyped_storage()._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
 def collate_windows(items) -> tuple:
     """[((window (C0, h, w), channel ids or None for all, flips (2,)), label)] -> (RawBatch, labels (N,)).
 
@@ -59,14 +69,16 @@ def collate_windows(items) -> tuple:
     it into the batch (zero padding is not written; the device never reads it)."""
     windows = [(window, range(len(window)) if ids is None else ids) for (window, ids, _), _ in items]
     height, width = max(w.shape[1] for w, _ in windows), max(w.shape[2] for w, _ in windows)
-    pixels = np.empty((len(windows), len(windows[0][1]), height, width), dtype=windows[0][0].dtype)
+    dtype = torch.from_numpy(np.empty(0, windows[0][0].dtype)).dtype
+    buffer = _batch_buffer((len(windows), len(windows[0][1]), height, width), dtype)
+    pixels = buffer.numpy()
     for i, (window, ids) in enumerate(windows):
         for k, c in enumerate(ids):
             pixels[i, k, : window.shape[1], : window.shape[2]] = window[c]
     sizes = torch.tensor([w.shape[1:] for w, _ in windows], dtype=torch.int64)
     flips = torch.stack([flips for (_, _, flips), _ in items])
     labels = torch.tensor([label for _, label in items], dtype=torch.int64)
-    return RawBatch(torch.from_numpy(pixels), sizes, flips), labels
+    return RawBatch(buffer, sizes, flips), labels
 
 
 class DeviceAugment:
