@@ -6,7 +6,9 @@
   autotuning pays once and then picks the fastest kernel.
 * Fused AdamW (``adamw_kwargs``): one kernel for the whole update instead of a loop over tensors.
 
-Nothing changes on the CPU, so CPU runs and tests give the same numbers as before.
+Nothing changes on the CPU, so CPU runs and tests give the same numbers as before. On CUDA, fp32 products lose
+bits to TF32 and cuDNN's autotuned kernels may differ between runs, so two CUDA runs agree to rounding, not bit
+for bit; ``--no_fast_paths`` restores torch's defaults.
 """
 
 import torch
