@@ -58,8 +58,12 @@ def read_manifest(root) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptFileError(f"cannot read the packed store index {path}: {e}") from e
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    manifest = manifest if isinstance(manifest, dict) else {}
+    splits, keys = manifest.get("splits"), ("groups", "index", "sources")
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION or not isinstance(splits, dict):
         raise DatasetError(f"{path} is not a {FORMAT} version {VERSION} store")
+    if not all(isinstance(info, dict) and all(k in info for k in keys) for info in splits.values()):
+        raise CorruptFileError(f"{path}: a split lacks one of {', '.join(keys)}; repack the store")
     if not manifest.get("complete"):
         raise DatasetError(
             f"--data_path {root}: the packed store is incomplete (packing was interrupted); rerun "
@@ -101,8 +105,13 @@ def packed_samples(root, split: str, classes=None):
         raise MissingPathError(f"--data_path {root}: the packed store has no {split} split (it holds {held})")
     if classes is not None and list(classes) != manifest["classes"]:
         raise DatasetError(f"--data_path {root}: the packed {split} split's classes differ from the train split's")
-    index = np.load(root / info["index"], allow_pickle=False)
-    sources = json.loads((root / info["sources"]).read_text())
+    try:
+        index = np.load(root / info["index"], allow_pickle=False)
+        sources = json.loads((root / info["sources"]).read_text())
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise CorruptFileError(f"--data_path {root}: cannot read the {split} split's index: {e}") from e
+    if index.ndim != 2 or index.shape[1] != 3 or len(index) != len(sources):
+        raise CorruptFileError(f"--data_path {root}: the {split} split's index and sources do not match; repack")
     files = [str(root / group["file"]) for group in info["groups"]]
     samples = [(PackedRef(files[g], row, src), int(label)) for (g, row, label), src in zip(index.tolist(), sources)]
     return samples, list(manifest["classes"])
