@@ -21,7 +21,7 @@ from util.cli import run_main
 from util.data.builders import build_dataset, build_pretrain_dataset
 from util.data.config import DataConfig
 from util.data.device_augment import WindowCrops, collate_windows, training_items
-from util.data.errors import DatasetError
+from util.data.errors import CorruptFileError, DatasetError
 from util.data.packed import STORE_FILENAME, PackedRef
 from util.fast_paths import adamw_kwargs, enable_fast_paths
 from util.loaders import default_num_workers
@@ -122,6 +122,12 @@ def test_packing_resumes_an_interrupted_store_and_refuses_other_data(tmp_path):
     original = build_pretrain_dataset(DataConfig(data_path=str(src)))
     assert_same_pixels(original, build_pretrain_dataset(DataConfig(data_path=str(store))))
     assert "complete already; nothing to do" in pack("--data_path", src, "--out", store)[1]
+
+    with pytest.raises(DatasetError, match=f"--data_path {store}: the packed store has no val split"):
+        build_dataset(False, DataConfig(data_path=str(store)))
+    (store / "train-sources.json").unlink()
+    with pytest.raises(CorruptFileError, match="cannot read the train split's index"):
+        build_pretrain_dataset(DataConfig(data_path=str(store)))
 
     other = cell_painting(tmp_path / "other", sizes=((32, 32),) * 2, seed=1)
     code, _, err = pack("--data_path", other, "--out", store)
