@@ -8,6 +8,7 @@ import torch
 from util.amp import autocast
 from util.cli import describe_dataset
 from util.data.builders import build_dataset
+from util.data.device_augment import training_items
 from util.data.stats import normalization_record
 from util.distributed import cleanup_distributed, is_dist_avail_and_initialized, reduction_device
 from util.errors import RunError
@@ -96,7 +97,7 @@ def build_data(args, device, checkpoint_stats: dict | None = None):
             f"{dataset_train.nb_classes}"
         )
     channel_ids = torch.as_tensor(dataset_train.channel_ids, dtype=torch.long, device=device)
-    loader_train = None if args.eval else build_train_loader(dataset_train, args)
+    loader_train = None if args.eval else build_train_loader(training_items(dataset_train, args), args)
     loader_val = build_eval_loader(dataset_val, args)
     return dataset_train, loader_train, loader_val, channel_ids
 

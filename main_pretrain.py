@@ -22,10 +22,12 @@ from util.cli import (
     setup_run,
 )
 from util.data.builders import build_pretrain_dataset
+from util.data.device_augment import add_gpu_augment_arg, training_items
 from util.data.errors import DatasetError
 from util.data.stats import normalization_record
 from util.distributed import is_main_process, wrap_model
 from util.errors import RunError
+from util.fast_paths import adamw_kwargs
 from util.flags import ArgumentParser
 from util.loaders import build_train_loader
 from util.optim import pretrain_param_groups, scale_lr
@@ -76,6 +78,7 @@ def get_args_parser():
     g.add_argument("--clip_grad", default=None, type=float, metavar="NORM", help="clip the gradient norm")
 
     add_common_args(parser)
+    add_gpu_augment_arg(parser)
     parser.set_defaults(data_path=os.path.join(REPO_DIR, "sample_data", "ihc"), input_size=64)
     return parser
 
@@ -119,7 +122,7 @@ def main(args):
     args.normalization = normalization_record(dataset_train)  # saved with the checkpoints, for fine-tuning
     check_channels(args, dataset_train)
     channel_ids = torch.as_tensor(dataset_train.channel_ids, dtype=torch.long, device=device)
-    data_loader_train = build_train_loader(dataset_train, args)
+    data_loader_train = build_train_loader(training_items(dataset_train, args), args)
     vis_batch = None
     if args.vis_every > 0 and is_main_process():
         vis_batch = vis.fixed_batch(dataset_train, args.vis_n, args.seed).to(device)
@@ -135,7 +138,10 @@ def main(args):
     scale_lr(args)
 
     optimizer = torch.optim.AdamW(
-        pretrain_param_groups(model_without_ddp, args.weight_decay), lr=args.lr, betas=(0.9, 0.95)
+        pretrain_param_groups(model_without_ddp, args.weight_decay),
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        **adamw_kwargs(device, not args.no_fast_paths),
     )
     loss_scaler = NativeScaler(device, args.amp)
     print(f"AMP: {args.amp}; {describe_optimizer(optimizer)}")

@@ -87,6 +87,7 @@ def train_epoch(state: TrainState, data_loader, epoch: int, batch_loss: BatchLos
     num_steps = start_step + len(data_loader)
     tracker = LossTracker(state.device, epoch)
     lr = optimizer.param_groups[0]["lr"]
+    device_augment = getattr(data_loader.dataset, "device_augment", None)  # --gpu_augment (util.data.device_augment)
 
     optimizer.zero_grad(set_to_none=True)
     batches = metric_logger.log_every(data_loader, args.print_freq, f"Epoch: [{epoch}]")
@@ -94,6 +95,7 @@ def train_epoch(state: TrainState, data_loader, epoch: int, batch_loss: BatchLos
         if step % args.accum_iter == 0:
             lr = lr_sched.adjust_learning_rate(optimizer, epoch + step / num_steps, args)
         samples = samples.to(state.device, non_blocking=True)
+        samples = device_augment(samples) if device_augment is not None else samples
         targets = targets.to(state.device, non_blocking=True)
         update = (step + 1) % args.accum_iter == 0
         with maybe_no_sync(model, not update):

@@ -8,7 +8,8 @@ Dataset layouts (``--data_path``)
       class names, on every row of a labelled split (empty only in the pretraining layout, which is unlabelled);
       metadata columns (``util.data.metadata``: ``Metadata_*`` or ``--metadata_columns``) are kept per sample;
       relative paths resolve against the CSV's folder; a row must have as many fields as the header;
-    * unlabelled, pretraining only: every image under ``root/train`` if that folder exists, else under ``root``.
+    * unlabelled, pretraining only: every image under ``root/train`` if that folder exists, else under ``root``;
+    * a packed store written by ``pack_dataset.py`` (``util.data.packed``): its train (and val) split.
 
 A sample is ``(files, label)``: files is one path, or a list of one single-channel path per channel. The readers
 return the samples with their CSV metadata, {column: [value per sample]} ({} without a CSV).
@@ -25,6 +26,7 @@ from pathlib import Path
 from util.data.config import DataConfig
 from util.data.errors import DatasetError, MissingPathError
 from util.data.metadata import metadata_columns
+from util.data.packed import is_packed_store, packed_samples
 from util.data.readers import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -146,7 +148,10 @@ def _read_csv(csv_path, classes=None, labelled=False, declared_metadata=None):
 
 
 def labelled_split(root, split, classes, declared_metadata=None):
-    """(samples, classes, csv channel names, metadata) of root/<split>.csv or root/<split>/<class>/."""
+    """(samples, classes, csv channel names, metadata) of root/<split>.csv, root/<split>/<class>/ or a packed
+    store."""
+    if is_packed_store(root):
+        return (*packed_samples(root, split, classes), None, {})
     csv_path = root / f"{split}.csv"
     if csv_path.is_file():
         return _read_csv(csv_path, classes, labelled=True, declared_metadata=declared_metadata)
@@ -157,6 +162,8 @@ def labelled_split(root, split, classes, declared_metadata=None):
 
 def unlabelled_samples(path, declared_metadata=None):
     """(samples with label -1, csv channel names, metadata) for pretraining."""
+    if is_packed_store(path):
+        return [(ref, -1) for ref, _ in packed_samples(path, "train")[0]], None, {}
     if path.is_file() and path.suffix.lower() != ".csv":
         raise DatasetError(f"--data_path {path} is a file but not a .csv index")
     csv_path = path if path.is_file() else path / "train.csv"
