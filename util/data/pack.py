@@ -64,12 +64,11 @@ def _source_splits(root: Path) -> dict:
         raise MissingPathError(f"--data_path {root} does not exist")
     if is_packed_store(root):
         raise DatasetError(f"--data_path {root} is a packed store already")
-    try:
-        train, classes, names, _ = labelled_split(root, "train", None)
-        val = labelled_split(root, "val", classes)
-    except MissingPathError:
+    if not ((root / "val.csv").is_file() or (root / "val").is_dir()):
         samples, names, _ = unlabelled_samples(root)
         return {"train": SourceSplit(str(root), samples, [], names)}
+    train, classes, names, _ = labelled_split(root, "train", None)
+    val = labelled_split(root, "val", classes)
     return {
         "train": SourceSplit(str(root), train, classes, names),
         "val": SourceSplit(str(root), val[0], classes, val[2]),
