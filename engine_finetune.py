@@ -8,8 +8,10 @@ import torch
 from util.amp import autocast
 from util.cli import describe_dataset
 from util.data.builders import build_dataset
+from util.data.device_augment import training_items
 from util.data.stats import normalization_record
 from util.distributed import cleanup_distributed, is_dist_avail_and_initialized, reduction_device
+from util.errors import RunError
 from util.loaders import build_eval_loader, build_train_loader
 from util.metric_log import MetricLogger
 from util.trainer import TrainState, resume, train_epoch
@@ -79,8 +81,8 @@ def log_eval(test_stats: dict):
 
 def build_data(args, device, checkpoint_stats: dict | None = None):
     """(train dataset, train loader (None under --eval), val loader, channel ids (C,)); sets ``args.nb_classes``
-    when not given and ``args.normalization`` (saved with the checkpoints). checkpoint_stats: the checkpoint's
-    recorded normalisation."""
+    when not given (``RunError`` when it is given and below the number of classes) and ``args.normalization``
+    (saved with the checkpoints). checkpoint_stats: the checkpoint's recorded normalisation."""
     dataset_train = build_dataset(True, args, checkpoint_stats)
     dataset_val = build_dataset(False, args, checkpoint_stats)
     print(describe_dataset("train", dataset_train))
@@ -88,8 +90,14 @@ def build_data(args, device, checkpoint_stats: dict | None = None):
     args.normalization = normalization_record(dataset_train)
     if args.nb_classes is None:
         args.nb_classes = dataset_train.nb_classes
+    elif args.nb_classes < dataset_train.nb_classes:
+        raise RunError(
+            f"--nb_classes {args.nb_classes} is below the {dataset_train.nb_classes} classes of the train split of "
+            f"{args.data_path}: their labels would index no output; leave --nb_classes out to take "
+            f"{dataset_train.nb_classes}"
+        )
     channel_ids = torch.as_tensor(dataset_train.channel_ids, dtype=torch.long, device=device)
-    loader_train = None if args.eval else build_train_loader(dataset_train, args)
+    loader_train = None if args.eval else build_train_loader(training_items(dataset_train, args), args)
     loader_val = build_eval_loader(dataset_val, args)
     return dataset_train, loader_train, loader_val, channel_ids
 

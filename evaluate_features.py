@@ -13,7 +13,7 @@ per-plate normalisation against control wells, phenotypic-activity and replicate
 channels: re-encodes the data (the .npz's checkpoint and data flags, or --resume / --data_path) on subsets of
 the channels and reports 1-NN top-1 and macro-F1 (and a classifier checkpoint's own top-1) against the number
 of channels k; whole-patch models get the missing channels zero-filled. Metadata columns are the .npz's
-``meta_<name>`` arrays plus ``split`` and ``label``. Writes JSON {"protocol", "features", "results": {task:
+``metadata_<name>`` arrays plus ``split`` and ``label``. Writes JSON {"protocol", "features", "results": {task:
 {metric: value}}, ...} and prints a Markdown table; --scatter draws a PCA scatter coloured by --colour_by.
 """
 

@@ -8,7 +8,6 @@ per-step update is kept, where MAE's scaling would shrink it by 16384 / batch (5
 leave the head of a small-data probe at its random initialisation.
 """
 
-import argparse
 import math
 
 import torch
@@ -17,10 +16,12 @@ from timm.layers import trunc_normal_
 from engine_finetune import build_data, fit
 from models_checkpoint import build_classifier, load_pretrained
 from models_flags import CHECKPOINT_EPILOG, DEFAULTS, add_model_args, resolve_checkpoint_flags
+from models_vit import probe_head
 from util.amp import NativeScaler
 from util.cli import add_common_args, describe_optimizer, run_main, setup_run
 from util.data.errors import DatasetError
 from util.distributed import wrap_model
+from util.flags import ArgumentParser
 from util.lars import LARS
 from util.optim import scale_lr
 from util.trainer import TrainState
@@ -32,11 +33,10 @@ RECIPE_LR = 0.1 * 16384 / 256
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         "Linear probing of a pretrained encoder",
         add_help=False,
         epilog=CHECKPOINT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--batch_size", default=64, type=int, help="batch size per process")
     parser.add_argument("--epochs", default=20, type=int)
@@ -116,7 +116,7 @@ def main(args):
     if checkpoints.pretrained is not None:
         load_pretrained(model, checkpoints.pretrained, args.finetune)
     trunc_normal_(model.head.weight, std=0.01)
-    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+    model.head = probe_head(model.head)
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith("head.")
     if args.grad_checkpointing:

@@ -4,7 +4,6 @@ With no flags at all it pretrains a tiny ChannelMAE on the bundled ``sample_data
 else on the CPU, writing checkpoints, ``log.txt`` (one JSON line per epoch) and TensorBoard events to ./output_dir.
 """
 
-import argparse
 import os
 
 import torch
@@ -13,6 +12,7 @@ import models_chamae
 import util.vis as vis
 from engine_pretrain import train_one_epoch
 from models_checkpoint import build_pretrain_model
+from models_preflight import check_patch_grid, check_pretrain_resume, model_patch_size
 from util.amp import NativeScaler
 from util.bag_of_channels import SingleChannelDataset
 from util.cli import (
@@ -23,10 +23,13 @@ from util.cli import (
     setup_run,
 )
 from util.data.builders import build_pretrain_dataset
+from util.data.device_augment import add_gpu_augment_arg, training_items
 from util.data.errors import DatasetError
 from util.data.stats import normalization_record
 from util.distributed import is_main_process, wrap_model
 from util.errors import RunError
+from util.fast_paths import adamw_kwargs
+from util.flags import ArgumentParser
 from util.loaders import build_train_loader
 from util.optim import pretrain_param_groups, scale_lr
 from util.trainer import TrainState, fit
@@ -35,7 +38,7 @@ REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("MAE / ChannelMAE pre-training", add_help=False)
+    parser = ArgumentParser("MAE / ChannelMAE pre-training", add_help=False)
     parser.add_argument("--batch_size", default=64, type=int, help="batch size per process")
     parser.add_argument("--epochs", default=20, type=int)
     parser.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
@@ -81,6 +84,7 @@ def get_args_parser():
     g.add_argument("--clip_grad", default=None, type=float, metavar="NORM", help="clip the gradient norm")
 
     add_common_args(parser)
+    add_gpu_augment_arg(parser)
     parser.set_defaults(data_path=os.path.join(REPO_DIR, "sample_data", "ihc"), input_size=64)
     return parser
 
@@ -103,6 +107,9 @@ def check_flags(args):
         raise RunError(f"{' and '.join(channel_flags)} need a chamae_* model; {args.model} masks whole patches")
     if args.bag_of_channels and not args.model.startswith("mae_"):
         raise RunError(f"--bag_of_channels trains an mae_* model on single channels; {args.model} is not one")
+    source = "--patch_size" if args.patch_size else f"--model {args.model}"
+    args.patch_size = model_patch_size(args.model, args.patch_size, args.model_kwargs)
+    check_patch_grid(args.input_size, args.patch_size, source)
 
 
 def check_channels(args, dataset):
@@ -115,6 +122,7 @@ def check_channels(args, dataset):
 
 def main(args):
     check_flags(args)
+    check_pretrain_resume(args)
     device = setup_run(args)
 
     dataset_train = build_pretrain_dataset(args)
@@ -125,7 +133,7 @@ def main(args):
     if args.bag_of_channels:
         dataset_train = SingleChannelDataset(source)
     channel_ids = torch.as_tensor(dataset_train.channel_ids, dtype=torch.long, device=device)
-    data_loader_train = build_train_loader(dataset_train, args)
+    data_loader_train = build_train_loader(training_items(dataset_train, args), args)
     vis_batch = None
     if args.vis_every > 0 and is_main_process():
         vis_batch = vis.fixed_batch(dataset_train, args.vis_n, args.seed).to(device)
@@ -141,7 +149,10 @@ def main(args):
     scale_lr(args)
 
     optimizer = torch.optim.AdamW(
-        pretrain_param_groups(model_without_ddp, args.weight_decay), lr=args.lr, betas=(0.9, 0.95)
+        pretrain_param_groups(model_without_ddp, args.weight_decay),
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        **adamw_kwargs(device, not args.no_fast_paths),
     )
     loss_scaler = NativeScaler(device, args.amp)
     print(f"AMP: {args.amp}; {describe_optimizer(optimizer)}")

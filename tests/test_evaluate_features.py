@@ -85,7 +85,7 @@ def test_chammi_tasks_hold_out_whole_plates(ihc, tmp_path):
     argv = [ihc.npz, "--protocol", "chammi", "--tasks", str(tmp_path / "tasks.json"), "--out", str(out)]
     evaluate([*argv, "--scatter", str(tmp_path / "pca.png"), "--colour_by", "label,plate"])
     results = json.loads(out.read_text())["results"]
-    x, y, plate = z["features"], z["labels"], z["meta_plate"]
+    x, y, plate = z["features"], z["labels"], z["metadata_plate"]
     assert sorted(set(plate)) == ["P1", "P2", "P3"]
     train, val = z["split"] == "train", z["split"] == "val"
     expected = f1_score(y[val], nearest_labels(x[train], y[train], x[val]), average="macro")
@@ -138,7 +138,7 @@ def test_profile_map_matches_numpy(ihc, tmp_path):
     z = ihc.z
     argv = [ihc.npz, "--protocol", "profile", "--treatment_column", "label", "--control", "background"]
     results = evaluate([*argv, "--null_size", "100", "--out", str(tmp_path / "p.json")])
-    keys = np.char.add(np.char.add(z["meta_plate"], "/"), z["meta_well"])
+    keys = np.char.add(np.char.add(z["metadata_plate"], "/"), z["metadata_well"])
     wells = np.unique(keys)
     profiles = np.stack([z["features"][keys == w].mean(0) for w in wells]).astype(np.float64)
     plate = np.asarray([w.split("/")[0] for w in wells])

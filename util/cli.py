@@ -16,10 +16,13 @@ from util.amp import AMP_DTYPES, resolve_amp
 from util.checkpoint import args_to_dict
 from util.distributed import cleanup_distributed, default_device, get_rank, init_distributed_mode, is_main_process
 from util.errors import RunError
+from util.fast_paths import enable_fast_paths
+from util.loaders import default_num_workers
 from util.metric_log import NonFiniteLossError
 from util.output_dir import check_new_or_resumed, check_writable, lock_output_dir, release_output_dir
 from util.preemption import TrainingStopped, restore_stop_handlers
 from util.rng import seed_everything
+from util.wandb_writer import check_wandb
 
 
 def parse_model_kwargs(items) -> dict:
@@ -62,6 +65,13 @@ def add_reading_args(group):
         type=float,
         metavar="VALUE",
         help="replace NaN and infinite pixels by VALUE (raw units) when reading (default: such a file is an error)",
+    )
+    group.add_argument(
+        "--metadata_columns",
+        default=None,
+        metavar="COLUMNS",
+        help="CSV columns that are per-sample metadata, not channels, e.g. 'plate,well' (always: Metadata_* "
+        "columns, and in a CSV with a 'path' column every column but path and label); kept in extracted features",
     )
 
 
@@ -106,11 +116,23 @@ def add_runtime_args(parser: argparse.ArgumentParser):
     g.add_argument("--unsafe_load", action="store_true", help="torch.load with weights_only=False (trusted files)")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (set by --resume)")
     g.add_argument("--save_every", default=20, type=int, help="also keep checkpoint-<epoch>.pth every N epochs")
-    g.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
+    g.add_argument(
+        "--num_workers",
+        default=default_num_workers(),
+        type=int,
+        help="DataLoader workers per process (default: usable cores / processes per node - 1, at most 16)",
+    )
     g.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader (CUDA only)")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     parser.set_defaults(pin_mem=True)
     g.add_argument("--print_freq", default=20, type=int, help="log every N iterations")
+    g.add_argument(
+        "--wandb",
+        default=None,
+        metavar="PROJECT",
+        help="also log to this Weights & Biases project (needs `pip install wandb`; WANDB_MODE=offline works offline)",
+    )
+    g.add_argument("--wandb_name", default=None, metavar="NAME", help="W&B run name (default: W&B's)")
     g.add_argument(
         "--amp",
         default=None,
@@ -118,6 +140,7 @@ def add_runtime_args(parser: argparse.ArgumentParser):
         help="autocast dtype (default: bf16/fp16 on CUDA, none on CPU)",
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--no_fast_paths", action="store_true", help="no TF32, cudnn.benchmark, fused AdamW on CUDA")
     g.add_argument("--grad_checkpointing", action="store_true", help="activation checkpointing in the blocks")
 
 
@@ -139,14 +162,17 @@ def add_common_args(parser: argparse.ArgumentParser):
 
 
 def setup_run(args) -> torch.device:
-    """Join the process group, pick the device and AMP mode, seed (seed + rank), create the output dirs and check
-    that they are writable, and (rank 0, unless ``--eval``) make this run the owner of ``--output_dir``
-    (``lock_output_dir``, ``check_new_or_resumed``); ``OutputError`` before any training otherwise."""
+    """Refuse ``--wandb`` without the wandb package, join the process group, pick the device and AMP mode, seed
+    (seed + rank), create the output dirs and check that they are writable, and (rank 0, unless ``--eval``) make this
+    run the owner of ``--output_dir`` (``lock_output_dir``, ``check_new_or_resumed``); ``OutputError`` before any
+    training otherwise."""
+    check_wandb(args)
     init_distributed_mode(args)
     if args.log_dir is None:
         args.log_dir = args.output_dir
     device = torch.device(args.device)
     args.amp = resolve_amp(args.amp, device)
+    enable_fast_paths(device, not getattr(args, "no_fast_paths", False))
     seed_everything(args.seed + get_rank())
     if is_main_process():
         for flag, path in (("--output_dir", args.output_dir), ("--log_dir", args.log_dir)):

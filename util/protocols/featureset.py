@@ -1,8 +1,9 @@
 """The arrays of an ``extract_features.py`` .npz that the protocols read, and its metadata columns.
 
-Metadata convention: each per-sample metadata column NAME is an array ``meta_NAME`` (N,) of strings, and
-``metadata_columns`` (M,) lists the names. Two columns always exist: ``split`` (the dataset split of each row)
-and ``label`` (the class name, '' for unlabelled rows).
+Metadata convention (extract_features.py): each per-sample metadata column NAME is an array ``metadata_NAME``
+(N,) of strings, and ``metadata_columns`` (M,) lists the names (CSV metadata columns and ``--path_metadata``).
+Two columns always exist: ``split`` (the dataset split of each row) and ``label`` (the class name, '' for
+unlabelled rows).
 """
 
 import os
@@ -12,7 +13,7 @@ import numpy as np
 
 from util.errors import RunError
 
-META_PREFIX = "meta_"
+META_PREFIX = "metadata_"
 
 
 @dataclass
@@ -32,13 +33,6 @@ class FeatureSet:
         if name not in self.meta:
             raise RunError(f"{self.path} has no metadata column '{name}'; it has {sorted(self.meta)}")
         return self.meta[name]
-
-
-def metadata_arrays(columns: dict) -> dict:
-    """{name: (N,) values} -> the .npz arrays ``meta_<name>`` (str) and ``metadata_columns``."""
-    arrays = {f"{META_PREFIX}{name}": np.asarray(values, dtype=str) for name, values in columns.items()}
-    arrays["metadata_columns"] = np.asarray(list(columns), dtype=str)
-    return arrays
 
 
 def load_features(path: str, key: str = "features") -> FeatureSet:
