@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine_features import bag_of_channels, raw_pixels, vocabulary_size
+from engine_features import bag_of_channels, input_planes, raw_pixels, vocabulary_size
 from models_checkpoint import model_from_checkpoint
 from models_preflight import check_group_regex, check_model_channels, check_patch_grid
 from util.amp import AMP_DTYPES, autocast
@@ -243,7 +243,8 @@ def main(args):
     datasets = [eval_dataset(args, s) for s in (("train", "val") if split == "trainval" else (split,))]
     for d in datasets:
         d.skip_bad_samples = False  # each row must be the features of its path
-        check_model_channels(model, d, args.channels)
+        if not (args.raw_pixels or (args.bag_of_channels and input_planes(model) == 1)):
+            check_model_channels(model, d, args.channels)  # a BoC encoder takes one plane of any dataset
     if args.group_regex:
         check_group_regex(args.group_regex, [sample_path(files) for d in datasets for files, _ in d.samples])
     dataset = torch.utils.data.ConcatDataset(datasets)

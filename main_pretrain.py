@@ -107,6 +107,8 @@ def check_flags(args):
         raise RunError(f"{' and '.join(channel_flags)} need a chamae_* model; {args.model} masks whole patches")
     if args.bag_of_channels and not args.model.startswith("mae_"):
         raise RunError(f"--bag_of_channels trains an mae_* model on single channels; {args.model} is not one")
+    if args.bag_of_channels and getattr(args, "gpu_augment", False):
+        raise RunError("--bag_of_channels draws channels from CPU-augmented samples; drop --gpu_augment")
     source = "--patch_size" if args.patch_size else f"--model {args.model}"
     args.patch_size = model_patch_size(args.model, args.patch_size, args.model_kwargs)
     check_patch_grid(args.input_size, args.patch_size, source)
@@ -130,10 +132,11 @@ def main(args):
     args.normalization = normalization_record(dataset_train)  # saved with the checkpoints, for fine-tuning
     check_channels(args, dataset_train)
     source = dataset_train
+    items = training_items(source, args)
     if args.bag_of_channels:
-        dataset_train = SingleChannelDataset(source)
+        dataset_train = items = SingleChannelDataset(source, items)
     channel_ids = torch.as_tensor(dataset_train.channel_ids, dtype=torch.long, device=device)
-    data_loader_train = build_train_loader(training_items(dataset_train, args), args)
+    data_loader_train = build_train_loader(items, args)
     vis_batch = None
     if args.vis_every > 0 and is_main_process():
         vis_batch = vis.fixed_batch(dataset_train, args.vis_n, args.seed).to(device)

@@ -10,13 +10,17 @@ import torch
 class SingleChannelDataset(torch.utils.data.Dataset):
     """Items (1, H, W) of a (C, H, W) dataset: channel c of sample i, c drawn uniformly with torch's RNG.
 
+    source: the MultiChannelDataset (channel ids and names); items: what the training loader would read
+    (``util.data.device_augment.training_items``, e.g. a packed store's window crops), default source.
+
     The draw uses the process's (or DataLoader worker's) torch RNG, like the random crops, so it follows
     ``--seed``. ``channel_name(c)`` names a drawn channel in the source's vocabulary (``ch<id>`` when the data
     name none); ``channel_ids`` is ``[0]``: the model sees one input plane.
     """
 
-    def __init__(self, source):
+    def __init__(self, source, items=None):
         self.source = source
+        self.items = source if items is None else items
         self.source_channel_ids = list(source.channel_ids)
         self.channel_ids = [0]
         self.in_chans = 1
@@ -35,7 +39,7 @@ class SingleChannelDataset(torch.utils.data.Dataset):
 
     def draw(self, index: int) -> tuple[torch.Tensor, int, str]:
         """(one channel of sample index (1, H, W), its label, the channel's name)."""
-        img, label = self.source[index]
+        img, label = self.items[index]
         c = int(torch.randint(img.shape[0], ()))
         return img[c : c + 1], label, self.channel_name(c)
 
