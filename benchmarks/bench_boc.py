@@ -2,8 +2,8 @@
 
 Stage ``pretrain``: every configuration and seed runs ``main_pretrain.py`` (a subprocess) with the same encoder,
 decoder, batch size and epochs, hence the same number of optimizer steps, on the train split of the labelled
-IHC crops (``benchmarks/build_ihc_labelled.py``). ``random_*`` configurations are the same architectures after
-one epoch at learning rate 0: their weights are exactly the seeded initialisation (the random-init baseline).
+IHC crops (``benchmarks/build_ihc_labelled.py``). ``random_*`` configurations are the same architectures as
+built by ``main_pretrain.py``, saved untrained under ``torch.manual_seed(seed)`` (the random-init baseline).
 
 Stage ``evaluate``: each checkpoint goes through ``extract_features.py`` (``--bag_of_channels`` for the BoC
 encoder, plate and well read from the file names) and ``evaluate_features.py`` with the CHAMMI-style tasks, the
@@ -28,6 +28,14 @@ ROOT_DIR = Path(__file__).resolve().parents[1]
 if str(ROOT_DIR) not in sys.path:
     sys.path.insert(0, str(ROOT_DIR))
 
+import torch  # noqa: E402
+
+import main_pretrain  # noqa: E402
+from models_checkpoint import build_pretrain_model  # noqa: E402
+from util.bag_of_channels import SingleChannelDataset  # noqa: E402
+from util.checkpoint import args_to_dict  # noqa: E402
+from util.data.builders import build_pretrain_dataset  # noqa: E402
+from util.data.stats import normalization_record  # noqa: E402
 from util.protocols.robustness import plot_curves  # noqa: E402
 
 ROOT = ROOT_DIR
@@ -68,18 +76,35 @@ def run(argv, log):
         subprocess.run([sys.executable, *argv], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
 
 
+def pretrain_argv(args, name, seed, out):
+    argv = ["--data_path", args.data, "--input_size", "32", "--patch_size", "8", *CONFIGS[name]]
+    argv += ["--model_kwargs", *args.model_kwargs, "--batch_size", str(args.batch_size), "--epochs", str(args.epochs)]
+    argv += ["--seed", str(seed), "--num_workers", "0", "--vis_every", "0", "--output_dir", str(out)]
+    return argv + ["--warmup_epochs", "5", "--blr", str(args.blr)]
+
+
+def random_init(args, name, seed, out):
+    """checkpoint-0.pth of the model main_pretrain would build, as initialised under torch.manual_seed(seed)."""
+    flags = main_pretrain.get_args_parser().parse_args(pretrain_argv(args, name, seed, out))
+    dataset = build_pretrain_dataset(flags)
+    flags.normalization = normalization_record(dataset)
+    torch.manual_seed(seed)
+    model = build_pretrain_model(flags, SingleChannelDataset(dataset) if flags.bag_of_channels else dataset)
+    state = {"model": model.state_dict(), "args": args_to_dict(flags), "epoch": 0}
+    for tag in ("0", "last"):
+        torch.save(state, out / f"checkpoint-{tag}.pth")
+
+
 def pretrain(args, name, seed):
     out = Path(args.out_dir) / f"{name}_s{seed}"
     random = name.startswith("random_")
     if (out / f"checkpoint-{0 if random else args.epochs - 1}.pth").exists():
         return
-    argv = ["main_pretrain.py", "--data_path", args.data, "--input_size", "32", "--patch_size", "8"]
-    argv += [*CONFIGS[name], "--model_kwargs", *args.model_kwargs, "--batch_size", str(args.batch_size)]
-    argv += ["--epochs", "1" if random else str(args.epochs), "--seed", str(seed), "--num_workers", "0"]
-    argv += ["--vis_every", "0", "--output_dir", str(out), "--warmup_epochs", "0" if random else "5"]
-    argv += ["--lr", "0"] if random else ["--blr", str(args.blr)]
     out.mkdir(parents=True, exist_ok=True)
-    run(argv, out / "pretrain.log")
+    if random:
+        random_init(args, name, seed, out)
+    else:
+        run(["main_pretrain.py", *pretrain_argv(args, name, seed, out)], out / "pretrain.log")
 
 
 def evaluate(args, name, seed):
