@@ -14,7 +14,11 @@ of one file per channel lists them joined by '|'); split (N,) str; classes, chan
 pool, checkpoint; with --knn_k: knn_top1, knn_top5 (percent), knn_k, knn_t, knn_pred (val rows, -1 elsewhere);
 with --group_regex: groups (G,) str, group_features (G, D), group_counts (G,); metadata_columns (M,) str, the CSV
 metadata columns (``Metadata_*``, ``--metadata_columns``, util/data/metadata.py), and for each one
-``metadata_<column>`` (N,) str, its value per row, e.g. to group wells by plate.
+``metadata_<column>`` (N,) str, its value per row, e.g. to group wells by plate. With --path_metadata
+NAME=REGEX: one more column per name (metadata_NAME). --bag_of_channels makes features the bag-of-channels
+embedding (N, V * D): each channel encoded on its own, concatenated in vocabulary order (V slots, missing
+channels zero); --raw_pixels S makes them the normalised pixels resized to S x S and flattened (a baseline).
+Either records feature_kind ('encoder', 'bag_of_channels' or 'raw_pixels').
 
 Memory: features stream batch by batch into .npy memory maps under OUT.parts/ (one per process, merged by rank
 0, then written into the .npz in chunks and deleted), so only paths, labels and k-NN/group bookkeeping are held
@@ -23,6 +27,7 @@ processed exactly once (strided shards, no padding duplicates).
 """
 
 import os
+import re
 import shutil
 import time
 
@@ -30,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine_features import bag_of_channels, input_planes, raw_pixels, vocabulary_size
 from models_checkpoint import model_from_checkpoint
 from models_preflight import check_group_regex, check_model_channels, check_patch_grid
 from util.amp import AMP_DTYPES, autocast
@@ -69,6 +75,21 @@ def get_args_parser():
         type=regex,
         help="also average per group: regex on the file path; group 1 (else the match) names it",
     )
+    parser.add_argument(
+        "--path_metadata",
+        default=[],
+        nargs="*",
+        metavar="NAME=REGEX",
+        help="metadata column NAME from a regex on each sample's path (group 1, else the match), e.g. plate='(P\\d+)_'",
+    )
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--bag_of_channels",
+        action="store_true",
+        help="features = each channel encoded on its own, concatenated in vocabulary order (needed for encoders "
+        "pretrained with --bag_of_channels)",
+    )
+    kind.add_argument("--raw_pixels", default=0, type=int, metavar="SIZE", help="features = pixels at SIZE x SIZE")
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, help="model name (required for published files without 'args')")
     g.add_argument("--model_kwargs", default=[], nargs="*", metavar="KEY=VALUE", help="e.g. num_heads=2")
@@ -100,6 +121,57 @@ def get_args_parser():
     return parser
 
 
+def has_channel_features(model, args):
+    return is_channel_model(model) and not (args.bag_of_channels or args.raw_pixels)
+
+
+def feature_dim(model, channel_ids, args):
+    if args.raw_pixels:
+        return len(channel_ids) * args.raw_pixels**2
+    return model.cls_token.shape[-1] * (args.vocabulary if args.bag_of_channels else 1)
+
+
+def feature_kind(args):
+    return "raw_pixels" if args.raw_pixels else "bag_of_channels" if args.bag_of_channels else "encoder"
+
+
+def embed(model, imgs, channel_ids, args):
+    """imgs (N, C, H, W) -> (features (N, F), per-channel features (N, C, D) or None)."""
+    if args.raw_pixels:
+        return raw_pixels(imgs, args.raw_pixels), None
+    if args.bag_of_channels:
+        return bag_of_channels(model, imgs, channel_ids, args.vocabulary, args.pool), None
+    return encode(model, imgs, channel_ids, args.pool)
+
+
+def parse_path_metadata(items):
+    """['plate=(P\\d+)_', ...] -> {name: compiled regex}; ``RunError`` naming a malformed item."""
+    patterns = {}
+    for item in items:
+        name, sep, regex = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise RunError(f"--path_metadata expects NAME=REGEX with NAME a plain identifier, got '{item}'")
+        try:
+            patterns[name] = re.compile(regex)
+        except re.error as e:
+            raise RunError(f"--path_metadata {name}: bad regex {regex!r}: {e}") from e
+    return patterns
+
+
+def path_metadata(patterns, paths):
+    """{name: (N,) str} from the regexes on every path; ``RunError`` naming the first path one does not match."""
+    columns = {}
+    for name, pattern in patterns.items():
+        values = []
+        for path in paths:
+            match = pattern.search(path)
+            if match is None:
+                raise RunError(f"--path_metadata {name}={pattern.pattern!r} does not match {path}")
+            values.append(match.group(1) if pattern.groups else match.group(0))
+        columns[name] = values
+    return columns
+
+
 def sample_path(files):
     return files if isinstance(files, str) else "|".join(files)
 
@@ -113,9 +185,9 @@ def extract(model, dataset, channel_ids, args, device, parts):
         return
     prefix = f"rank{rank}." if world_size > 1 else ""
     D = model.cls_token.shape[-1]
-    features = open_array(os.path.join(parts, f"{prefix}features.npy"), (n, D))
+    features = open_array(os.path.join(parts, f"{prefix}features.npy"), (n, feature_dim(model, channel_ids, args)))
     per_channel = None
-    if is_channel_model(model):
+    if has_channel_features(model, args):
         per_channel = open_array(os.path.join(parts, f"{prefix}channel_features.npy"), (n, len(channel_ids), D))
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -128,7 +200,7 @@ def extract(model, dataset, channel_ids, args, device, parts):
     for step, (imgs, _) in enumerate(loader):
         imgs = imgs.to(device, non_blocking=True)
         with autocast(device, args.amp):
-            pooled, channels = encode(model, imgs, channel_ids, args.pool)
+            pooled, channels = embed(model, imgs, channel_ids, args)
         features[row : row + len(imgs)] = pooled.cpu().numpy()
         if per_channel is not None:
             per_channel[row : row + len(imgs)] = channels.cpu().numpy()
@@ -152,6 +224,7 @@ def main(args):
     split = args.split or ("trainval" if args.knn_k else "pretrain")
     if args.knn_k and split != "trainval":
         raise RunError("--knn_k needs --split trainval (train split as memory, val split as queries)")
+    patterns = parse_path_metadata(args.path_metadata)
     init_distributed_mode(args)
     device = torch.device(args.device)
     overrides = parse_model_kwargs(args.model_kwargs)
@@ -160,6 +233,8 @@ def main(args):
     )
     if info["kind"] == "pretrain" and is_channel_model(model):
         model.mask_mode = "independent"  # mask ratio 0 keeps every token only in this mode
+    if info["args"].get("bag_of_channels") and not (args.bag_of_channels or args.raw_pixels):
+        raise RunError(f"{args.resume} was pretrained with --bag_of_channels (one channel at a time): pass it here too")
     model.to(device)
     if args.input_size:
         check_patch_grid(args.input_size, model.patch_embed.patch_size[0], f"from {args.resume}")
@@ -168,11 +243,18 @@ def main(args):
     datasets = [eval_dataset(args, s) for s in (("train", "val") if split == "trainval" else (split,))]
     for d in datasets:
         d.skip_bad_samples = False  # each row must be the features of its path
-        check_model_channels(model, d, args.channels)
+        if not (args.raw_pixels or (args.bag_of_channels and input_planes(model) == 1)):
+            check_model_channels(model, d, args.channels)  # a BoC encoder takes one plane of any dataset
     if args.group_regex:
         check_group_regex(args.group_regex, [sample_path(files) for d in datasets for files, _ in d.samples])
     dataset = torch.utils.data.ConcatDataset(datasets)
     channel_ids = torch.as_tensor(datasets[0].channel_ids, device=device)
+    args.vocabulary = vocabulary_size(model, datasets[0])
+    metadata = concat_metadata(datasets)
+    columns = path_metadata(patterns, [sample_path(files) for d in datasets for files, _ in d.samples])
+    if set(columns) & set(metadata):
+        raise RunError(f"--path_metadata names {sorted(set(columns) & set(metadata))} are CSV metadata columns already")
+    metadata |= columns
     print(f"{info['name']} ({info['kind']}, {args.resume}): {len(dataset)} samples, channels {channel_ids.tolist()}")
 
     parts = args.out + ".parts"
@@ -189,8 +271,8 @@ def main(args):
         return None
 
     N, D, C, W = len(dataset), model.cls_token.shape[-1], len(channel_ids), get_world_size()
-    names = ["features", "channel_features"] if is_channel_model(model) else ["features"]
-    shapes = {"features": (N, D), "channel_features": (N, C, D)}
+    names = ["features", "channel_features"] if has_channel_features(model, args) else ["features"]
+    shapes = {"features": (N, feature_dim(model, channel_ids, args)), "channel_features": (N, C, D)}
     if W > 1:
         arrays = {name: merge_shards(parts, name, shapes[name], W) for name in names}
     else:
@@ -210,8 +292,8 @@ def main(args):
         model=np.asarray(info["name"]),
         pool=np.asarray(args.pool),
         checkpoint=np.asarray(os.path.abspath(args.resume)),
+        feature_kind=np.asarray(feature_kind(args)),
     )
-    metadata = concat_metadata(datasets)
     arrays.update({f"metadata_{column}": np.asarray(values, dtype=str) for column, values in metadata.items()})
     arrays["metadata_columns"] = np.asarray(list(metadata), dtype=str)
     if args.knn_k:
@@ -235,7 +317,8 @@ def main(args):
     write_npz(args.out, arrays)
     del arrays
     shutil.rmtree(parts, ignore_errors=True)
-    print(f"wrote {args.out}: features {N}x{D}" + (f", channel_features {N}x{C}x{D}" if C and len(names) > 1 else ""))
+    F = feature_dim(model, channel_ids, args)
+    print(f"wrote {args.out}: features {N}x{F}" + (f", channel_features {N}x{C}x{D}" if C and len(names) > 1 else ""))
     cleanup_distributed()
     return args.out
 

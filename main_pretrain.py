@@ -14,6 +14,7 @@ from engine_pretrain import train_one_epoch
 from models_checkpoint import build_pretrain_model
 from models_preflight import check_patch_grid, check_pretrain_resume, model_patch_size
 from util.amp import NativeScaler
+from util.bag_of_channels import SingleChannelDataset
 from util.cli import (
     add_common_args,
     describe_dataset,
@@ -51,6 +52,11 @@ def get_args_parser():
     g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of tokens masked, in (0, 1)")
     g.add_argument("--mask_mode", default="independent", choices=models_chamae.MASK_MODES, help="ChannelMAE masking")
     g.add_argument("--hcs", action="store_true", help="hierarchical channel sampling (ChannelMAE)")
+    g.add_argument(
+        "--bag_of_channels",
+        action="store_true",
+        help="bag of channels: an mae_* model on one channel drawn at random from each sample (in_chans 1)",
+    )
     g.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalised pixels as targets")
     parser.set_defaults(norm_pix_loss=False)
     g.add_argument("--decoder", default="full", choices=["full", "cross"], help="MAE decoder or cross-attention")
@@ -99,6 +105,10 @@ def check_flags(args):
     channel_flags += ["--hcs"] if args.hcs else []
     if channel_flags and args.model.startswith("mae_"):
         raise RunError(f"{' and '.join(channel_flags)} need a chamae_* model; {args.model} masks whole patches")
+    if args.bag_of_channels and not args.model.startswith("mae_"):
+        raise RunError(f"--bag_of_channels trains an mae_* model on single channels; {args.model} is not one")
+    if args.bag_of_channels and getattr(args, "gpu_augment", False):
+        raise RunError("--bag_of_channels draws channels from CPU-augmented samples; drop --gpu_augment")
     source = "--patch_size" if args.patch_size else f"--model {args.model}"
     args.patch_size = model_patch_size(args.model, args.patch_size, args.model_kwargs)
     check_patch_grid(args.input_size, args.patch_size, source)
@@ -121,8 +131,12 @@ def main(args):
     print(describe_dataset("train", dataset_train))
     args.normalization = normalization_record(dataset_train)  # saved with the checkpoints, for fine-tuning
     check_channels(args, dataset_train)
+    source = dataset_train
+    items = training_items(source, args)
+    if args.bag_of_channels:
+        dataset_train = items = SingleChannelDataset(source, items)
     channel_ids = torch.as_tensor(dataset_train.channel_ids, dtype=torch.long, device=device)
-    data_loader_train = build_train_loader(training_items(dataset_train, args), args)
+    data_loader_train = build_train_loader(items, args)
     vis_batch = None
     if args.vis_every > 0 and is_main_process():
         vis_batch = vis.fixed_batch(dataset_train, args.vis_n, args.seed).to(device)
@@ -156,7 +170,7 @@ def main(args):
             names = vis.channel_labels(dataset_train)
             vis.log_reconstructions(model_without_ddp, vis_batch, channel_ids, args, epoch, state.log_writer, names)
 
-    fit(state, data_loader_train, train_one_epoch, dataset=dataset_train, after_save=visualise)
+    fit(state, data_loader_train, train_one_epoch, dataset=source, after_save=visualise)
 
 
 if __name__ == "__main__":
