@@ -17,7 +17,6 @@ of channels k; whole-patch models get the missing channels zero-filled. Metadata
 {metric: value}}, ...} and prints a Markdown table; --scatter draws a PCA scatter coloured by --colour_by.
 """
 
-import argparse
 import json
 import os
 
@@ -29,6 +28,7 @@ from util.cli import add_reading_args, run_main
 from util.data.errors import DatasetError
 from util.distributed import default_device
 from util.errors import RunError
+from util.flags import ArgumentParser
 from util.protocols.featureset import load_features
 from util.protocols.nearest import chammi_protocol, knn_protocol, one_nn_predict, read_tasks, scores
 from util.protocols.profiling import NORMALISATIONS, profile_protocol
@@ -39,7 +39,7 @@ PROTOCOLS = ("knn", "chammi", "profile", "channels")
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Frozen-feature evaluation", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser("Frozen-feature evaluation", description=__doc__.split("\n\n")[0])
     parser.add_argument("features", help="an extract_features.py .npz")
     parser.add_argument("--protocol", required=True, choices=PROTOCOLS)
     parser.add_argument("--out", required=True, help="results JSON")
