@@ -44,7 +44,15 @@ from util.distributed import (
     is_main_process,
 )
 from util.errors import RunError
-from util.features import encode, group_means, is_channel_model, knn_accuracy, merge_shards, open_array
+from util.features import (
+    channel_rows,
+    encode,
+    group_means,
+    is_channel_model,
+    knn_accuracy,
+    merge_shards,
+    open_array,
+)
 from util.loaders import ShardSampler
 
 POOLS = ("mean", "cls")
@@ -79,7 +87,9 @@ def get_args_parser():
         choices=[*SPLITS, "trainval"],
         help="default: trainval with --knn_k, else pretrain (the pretraining layout, labels -1)",
     )
-    g.add_argument("--channels", default=None, help="channel ids to read, e.g. '0,2,4'")
+    g.add_argument(
+        "--channels", default=None, help="channels to read by name or file position, e.g. 'DNA,Mito' or '0,2,4'"
+    )
     g.add_argument("--mean", default=None, type=float, nargs="+")
     g.add_argument("--std", default=None, type=float, nargs="+")
     g.add_argument("--channel_stats", default=None)
@@ -160,7 +170,7 @@ def main(args):
     for d in datasets:
         d.skip_bad_samples = False  # each row must be the features of its path
     dataset = torch.utils.data.ConcatDataset(datasets)
-    channel_ids = torch.as_tensor(datasets[0].channel_ids, device=device)
+    channel_ids = torch.as_tensor(channel_rows(datasets, info, args.resume, model), device=device)
     print(f"{info['name']} ({info['kind']}, {args.resume}): {len(dataset)} samples, channels {channel_ids.tolist()}")
 
     parts = args.out + ".parts"
@@ -187,14 +197,13 @@ def main(args):
     labels = np.asarray([label for _, label in samples], dtype=np.int64)
     paths = np.asarray([sample_path(files) for files, _ in samples])
     split_names = np.repeat(["train", "val"] if split == "trainval" else [split], [len(d) for d in datasets])
-    channel_names = datasets[0].channel_names or []
     arrays.update(
         labels=labels,
         paths=paths,
         split=split_names,
         classes=np.asarray(datasets[0].classes, dtype=str),
-        channel_ids=np.asarray(datasets[0].channel_ids, dtype=np.int64),
-        channel_names=np.asarray([channel_names[c] for c in datasets[0].channel_ids] if channel_names else [], str),
+        channel_ids=np.asarray(channel_ids.tolist(), dtype=np.int64),
+        channel_names=np.asarray(datasets[0].read_names, str),
         model=np.asarray(info["name"]),
         pool=np.asarray(args.pool),
         checkpoint=np.asarray(os.path.abspath(args.resume)),

@@ -14,6 +14,7 @@ import util.vis as vis
 from engine_pretrain import train_one_epoch
 from models_checkpoint import build_pretrain_model
 from util.amp import NativeScaler
+from util.checkpoint import checkpoint_channel_names, resolve_resume
 from util.cli import (
     add_common_args,
     describe_dataset,
@@ -21,10 +22,11 @@ from util.cli import (
     run_main,
     setup_run,
 )
-from util.data.builders import build_pretrain_dataset
 from util.data.errors import DatasetError
+from util.data.sources import MixedDataset, build_pretrain_sources, names_record
 from util.data.stats import normalization_record
-from util.distributed import is_main_process, wrap_model
+from util.data.vocabulary import assign_vocabulary, union_vocabulary, vocabulary_record
+from util.distributed import get_rank, is_main_process, wrap_model
 from util.errors import RunError
 from util.loaders import build_train_loader
 from util.optim import pretrain_param_groups, scale_lr
@@ -75,6 +77,13 @@ def get_args_parser():
     g.add_argument("--clip_grad", default=None, type=float, metavar="NORM", help="clip the gradient norm")
 
     add_common_args(parser)
+    parser.add_argument(
+        "--channel_vocabulary",
+        default=None,
+        metavar="A,B,C",
+        help="the names of the model's channel-embedding rows, in row order (default: the checkpoint resumed from, "
+        "the data-mix file's, else the union of the sources' channel names in order of appearance)",
+    )
     parser.set_defaults(data_path=os.path.join(REPO_DIR, "sample_data", "ihc"), input_size=64)
     return parser
 
@@ -97,29 +106,65 @@ def check_flags(args):
         raise RunError(f"{' and '.join(channel_flags)} need a chamae_* model; {args.model} masks whole patches")
 
 
-def check_channels(args, dataset):
-    """``--mask_mode channel`` hides whole channels: with one channel it would silently mask tokens instead."""
-    if args.mask_mode == "channel" and dataset.in_chans < 2:
+def check_channels(args, datasets, sources):
+    """``--mask_mode channel`` hides whole channels: with one channel it would silently mask tokens instead. An
+    MAE model (one token of all planes) needs one channel set: sources whose channels differ need a ChannelMAE."""
+    for dataset, source in zip(datasets, sources):
+        if args.mask_mode == "channel" and dataset.in_chans < 2:
+            raise RunError(
+                f"--mask_mode channel needs at least 2 channels; the data have {dataset.in_chans} ({source.path})"
+            )
+    sets = {tuple(d.read_names) for d in datasets}
+    if len(sets) > 1 and args.model.startswith("mae_"):
+        listed = "; ".join(f"{s.name}: {','.join(d.read_names)}" for s, d in zip(sources, datasets))
         raise RunError(
-            f"--mask_mode channel needs at least 2 channels; the data have {dataset.in_chans} ({args.data_path})"
+            f"{args.model} takes one fixed channel set, but the sources' channels differ ({listed}); use "
+            f"{args.model.replace('mae_', 'chamae_', 1)}, which takes any channels by name"
         )
+
+
+def channel_vocabulary(args, datasets, given=None) -> list[str]:
+    """The channel names of the model's embedding rows, set as each dataset's ``embed_ids``: those of the checkpoint
+    resumed from, else ``--channel_vocabulary`` (or the data-mix file's), else the union of the sources' names."""
+    resume = resolve_resume(args)
+    if resume:
+        return assign_vocabulary(datasets, checkpoint_channel_names(resume, args.unsafe_load), source=resume)
+    vocabulary = union_vocabulary(datasets, args.channel_vocabulary or given)
+    return assign_vocabulary(datasets, vocabulary, source="--channel_vocabulary", by_position=False)
+
+
+def training_data(args, datasets, sources):
+    """The training dataset (one source's, or a ``MixedDataset`` of several), with its description lines."""
+    if len(datasets) == 1:
+        return datasets[0], describe_dataset("train", datasets[0])
+    mixed = MixedDataset(datasets, [s.name for s in sources], [s.weight for s in sources])
+    return mixed, f"train: {len(sources)} sources, {len(mixed)} samples\n{mixed.describe()}"
 
 
 def main(args):
     check_flags(args)
     device = setup_run(args)
 
-    dataset_train = build_pretrain_dataset(args)
-    print(describe_dataset("train", dataset_train))
-    args.normalization = normalization_record(dataset_train)  # saved with the checkpoints, for fine-tuning
-    check_channels(args, dataset_train)
-    channel_ids = torch.as_tensor(dataset_train.channel_ids, dtype=torch.long, device=device)
+    datasets, sources, given = build_pretrain_sources(args)
+    check_channels(args, datasets, sources)
+    vocabulary = channel_vocabulary(args, datasets, given)
+    dataset_train, description = training_data(args, datasets, sources)
+    print(description)
+    print(f"Channel vocabulary ({len(vocabulary)} embedding rows): {','.join(vocabulary)}")
+    # saved with the checkpoints, for fine-tuning: normalisation, channel names and per-name statistics
+    args.normalization = normalization_record(datasets[0]) if len(datasets) == 1 else names_record(datasets)
+    args.vocabulary = vocabulary_record(vocabulary, datasets)
+    if args.channels is not None:
+        args.channels = ",".join(datasets[0].read_names) if len(datasets) == 1 else args.channels
+    channel_ids = torch.as_tensor(datasets[0].embed_ids, dtype=torch.long, device=device)
     data_loader_train = build_train_loader(dataset_train, args)
+    if len(datasets) > 1:  # the same on every process (util.loaders.SourceBatchSampler)
+        print(f"[rank {get_rank()}] {len(data_loader_train)} batches per epoch", force=True)
     vis_batch = None
     if args.vis_every > 0 and is_main_process():
-        vis_batch = vis.fixed_batch(dataset_train, args.vis_n, args.seed).to(device)
+        vis_batch = vis.fixed_batch(datasets[0], args.vis_n, args.seed).to(device)
 
-    model = build_pretrain_model(args, dataset_train)
+    model = build_pretrain_model(args, datasets[0].in_chans, len(vocabulary))
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
@@ -142,7 +187,7 @@ def main(args):
         """Every --vis_every epochs and at the last: the bare module on rank 0 only (no collective), and the
         training RNG stream is left as it was."""
         if vis_batch is not None and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
-            names = vis.channel_labels(dataset_train)
+            names = vis.channel_labels(datasets[0])
             vis.log_reconstructions(model_without_ddp, vis_batch, channel_ids, args, epoch, state.log_writer, names)
 
     fit(state, data_loader_train, train_one_epoch, dataset=dataset_train, after_save=visualise)

@@ -265,7 +265,8 @@ def write_initial_checkpoint(argv, path):
     """The model main_pretrain.py would build from argv, seeded with its --seed, saved untrained."""
     args = main_pretrain.get_args_parser().parse_args(argv)
     seed_everything(args.seed)
-    model = build_pretrain_model(args, build_pretrain_dataset(args))
+    dataset = build_pretrain_dataset(args)
+    model = build_pretrain_model(args, dataset.in_chans, dataset.num_channels)
     torch.save(dict(model=model.state_dict(), args=args_to_dict(args), epoch=-1), path)
     return path
 

@@ -13,6 +13,7 @@ import shutil
 import torch
 from timm.models import clean_state_dict
 
+from util.data.vocabulary import checkpoint_vocabulary
 from util.distributed import get_rank, get_world_size, is_main_process
 from util.errors import CheckpointError, CheckpointMismatchError, OutputError
 from util.preemption import PROGRESS_KEY
@@ -33,8 +34,9 @@ def _plain(value):
 
 
 def args_to_dict(args) -> dict:
-    """``vars(args)`` with every value made a plain Python value (unknown types become ``str``)."""
-    return {k: _plain(v) for k, v in vars(args).items()}
+    """``vars(args)`` with every value made a plain Python value (unknown types become ``str``); the channel
+    vocabulary (``args.vocabulary``) is left out: it is saved at the top level (``save_model``)."""
+    return {k: _plain(v) for k, v in vars(args).items() if k != "vocabulary"}
 
 
 def _fsync_dir(path: str):
@@ -100,8 +102,10 @@ def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, extr
 
     Without ``tag``: ``checkpoint-last.pth`` always, and ``checkpoint-{epoch}.pth`` too every ``args.save_every``
     epochs and at the final epoch (a hard link to the same file). With ``tag`` (e.g. 'best'):
-    ``checkpoint-{tag}.pth`` only. ``extra`` entries are added to the dict (plain values/tensors only).
-    Returns the path written (rank 0) or None.
+    ``checkpoint-{tag}.pth`` only. ``extra`` entries are added to the dict (plain values/tensors only), and so
+    is the channel vocabulary ``args.vocabulary`` when the run set one: ``channel_names`` (one per channel-embedding
+    row, in row order) and ``channel_stats`` (``{'mean': [...], 'std': [...]}``, raw units, per name; see
+    ``util.data.vocabulary``). Returns the path written (rank 0) or None.
     """
     rng = gather_rng_states()
     if not is_main_process() or not args.output_dir:
@@ -113,6 +117,7 @@ def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, extr
         "epoch": epoch,
         "args": args_to_dict(args),
         "rng": rng,
+        **_plain(getattr(args, "vocabulary", None) or {}),
         **(extra or {}),
     }
     path = os.path.join(args.output_dir, f"checkpoint-{'last' if tag is None else tag}.pth")
@@ -174,6 +179,16 @@ def read_checkpoint(path: str, unsafe: bool = False) -> tuple[dict, dict, dict]:
     if isinstance(args, argparse.Namespace):
         args = vars(args)
     return clean_state_dict(state_dict), dict(args or {}), checkpoint
+
+
+def checkpoint_channel_names(path: str, unsafe: bool = False) -> list[str]:
+    """The channel vocabulary of the checkpoint ``path`` (``util.data.vocabulary.checkpoint_vocabulary``): its
+    ``channel_names``, else positional names for the rows of its channel embedding (or its input planes)."""
+    _, _, checkpoint = read_checkpoint(path, unsafe=unsafe)
+    state = checkpoint.get("model", checkpoint)
+    rows = state.get("channel_embed", state.get("patch_embed.proj.weight"))
+    num_rows = None if rows is None else rows.shape[0 if "channel_embed" in state else 1]
+    return checkpoint_vocabulary(checkpoint, num_rows, path)
 
 
 def check_state_dict(model, state_dict: dict, source: str, allow_missing=(), allow_unexpected: bool = False):

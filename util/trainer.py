@@ -1,7 +1,10 @@
 """The training loop every entry point shares: the steps of one epoch and the epochs of a run.
 
-An engine supplies only its per-batch loss, ``batch_loss(samples, targets) -> loss`` (samples (N, C, H, W) and
-targets already on the device; the engine applies autocast where it belongs). ``train_epoch`` does the rest of a
+An engine supplies only its per-batch loss, ``batch_loss(samples, targets, channel_ids) -> loss`` (samples
+(N, C, H, W), targets and channel_ids ((C,) or (N, C) channel-embedding rows) already on the device; the engine
+applies autocast where it belongs). A batch of a multi-source dataset (``util.data.sources.MixedDataset``) brings its
+own channel ids and its source, whose loss is tracked apart (``loss_<source>`` in the meters, log.txt and
+TensorBoard). ``train_epoch`` does the rest of a
 step: the per-iteration lr (``util.lr_sched``), gradient accumulation (``--accum_iter``, DDP ``no_sync`` between
 updates), backward, clipping and the optimizer step through the AMP scaler, loss and gradient-norm tracking on the
 device, logging, and the stop-signal check after each optimizer step. ``fit`` runs the epochs in one order:
@@ -39,8 +42,8 @@ from util.preemption import (
     stop_if_requested,
 )
 
-BatchLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""(samples (N, C, H, W), targets (N,)) on the device -> the scalar loss of the batch."""
+BatchLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+"""(samples (N, C, H, W), targets (N,), channel ids (C,) / (N, C) / None) on the device -> the scalar loss."""
 
 
 @dataclass
@@ -85,19 +88,18 @@ def train_epoch(state: TrainState, data_loader, epoch: int, batch_loss: BatchLos
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     start_step = restore_meters(metric_logger, state.progress)
     num_steps = start_step + len(data_loader)
-    tracker = LossTracker(state.device, epoch)
+    tracker = LossTracker(state.device, epoch, getattr(data_loader.dataset, "source_names", None))
     lr = optimizer.param_groups[0]["lr"]
 
     optimizer.zero_grad(set_to_none=True)
     batches = metric_logger.log_every(data_loader, args.print_freq, f"Epoch: [{epoch}]")
-    for step, (samples, targets) in enumerate(batches, start_step):
+    for step, batch in enumerate(batches, start_step):
         if step % args.accum_iter == 0:
             lr = lr_sched.adjust_learning_rate(optimizer, epoch + step / num_steps, args)
-        samples = samples.to(state.device, non_blocking=True)
-        targets = targets.to(state.device, non_blocking=True)
+        samples, targets, channel_ids, source = unpack_batch(batch, state)
         update = (step + 1) % args.accum_iter == 0
         with maybe_no_sync(model, not update):
-            loss = batch_loss(samples, targets)
+            loss = batch_loss(samples, targets, channel_ids)
             grad_norm = state.loss_scaler(
                 loss / args.accum_iter,
                 optimizer,
@@ -107,14 +109,24 @@ def train_epoch(state: TrainState, data_loader, epoch: int, batch_loss: BatchLos
             )
         if update:
             optimizer.zero_grad(set_to_none=True)
-        tracker.update(loss, step, grad_norm)
+        tracker.update(loss, step, grad_norm, source)
 
         log_train_step(step, num_steps, epoch, lr, tracker, metric_logger, state.log_writer, args.print_freq)
         if update and step + 1 < num_steps:  # a stop at the last step is handled once the epoch is saved
-            stop_if_requested(epoch, step, tracker, metric_logger, data_loader.batch_size)
+            stop_if_requested(epoch, step, tracker, metric_logger, args.batch_size)
 
     print("Averaged stats:", metric_logger)
     return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+
+
+def unpack_batch(batch, state: TrainState):
+    """(samples, targets, channel ids, source index or None) of a batch on the device: (imgs, labels) take
+    ``state.channel_ids``; a multi-source batch (imgs, labels, ids (N, C), sources (N,)) brings its own."""
+    samples = batch[0].to(state.device, non_blocking=True)
+    targets = batch[1].to(state.device, non_blocking=True)
+    if len(batch) == 2:
+        return samples, targets, state.channel_ids, None
+    return samples, targets, batch[2].to(state.device, non_blocking=True), int(batch[3][0])
 
 
 def resume(state: TrainState) -> dict | None:
