@@ -166,7 +166,8 @@ def main(args):
         model.mask_mode = "independent"  # mask ratio 0 keeps every token only in this mode
     model.to(device)
     inherit_data_args(args, info["args"], model)
-    datasets = [eval_dataset(args, s) for s in (("train", "val") if split == "trainval" else (split,))]
+    stats = info["args"].get("normalization")
+    datasets = [eval_dataset(args, s, stats) for s in (("train", "val") if split == "trainval" else (split,))]
     for d in datasets:
         d.skip_bad_samples = False  # each row must be the features of its path
     dataset = torch.utils.data.ConcatDataset(datasets)

@@ -25,7 +25,7 @@ from util.cli import (
 from util.data.errors import DatasetError
 from util.data.sources import MixedDataset, build_pretrain_sources, names_record
 from util.data.stats import normalization_record
-from util.data.vocabulary import assign_vocabulary, union_vocabulary, vocabulary_record
+from util.data.vocabulary import assign_vocabulary, is_positional, union_vocabulary, vocabulary_record
 from util.distributed import get_rank, is_main_process, wrap_model
 from util.errors import RunError
 from util.loaders import build_train_loader
@@ -125,10 +125,14 @@ def check_channels(args, datasets, sources):
 
 def channel_vocabulary(args, datasets, given=None) -> list[str]:
     """The channel names of the model's embedding rows, set as each dataset's ``embed_ids``: those of the checkpoint
-    resumed from, else ``--channel_vocabulary`` (or the data-mix file's), else the union of the sources' names."""
+    resumed from when it names every channel read (so a resumed run maps them by name), else
+    ``--channel_vocabulary`` (or the data-mix file's), else the union of the sources' names (a checkpoint that does
+    not fit them is then refused when it is loaded)."""
     resume = resolve_resume(args)
     if resume:
-        return assign_vocabulary(datasets, checkpoint_channel_names(resume, args.unsafe_load), source=resume)
+        known = checkpoint_channel_names(resume, args.unsafe_load)
+        if not is_positional(known) and {n for d in datasets for n in d.read_names} <= set(known):
+            return assign_vocabulary(datasets, known, source=resume, by_position=False)
     vocabulary = union_vocabulary(datasets, args.channel_vocabulary or given)
     return assign_vocabulary(datasets, vocabulary, source="--channel_vocabulary", by_position=False)
 

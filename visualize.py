@@ -83,7 +83,7 @@ def main(args):
         raise CheckpointError(f"{args.resume} has no decoder; visualize.py needs a pretraining checkpoint")
     inherit_data_args(args, info["args"], model)
     mask_ratio = args.mask_ratio if args.mask_ratio is not None else info["args"].get("mask_ratio", 0.75)
-    dataset = eval_dataset(args, args.split)
+    dataset = eval_dataset(args, args.split, info["args"].get("normalization"))
     imgs = fixed_batch(dataset, args.n, args.seed).to(args.device)
     channel_ids = torch.as_tensor(channel_rows([dataset], info, args.resume, model), device=args.device)
     names = channel_labels(dataset)

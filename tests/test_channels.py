@@ -5,6 +5,7 @@ with different channel sets (per-source batches and losses, exact mid-epoch resu
 import builtins
 import contextlib
 import io
+import json
 import logging
 import os
 import runpy
@@ -20,10 +21,12 @@ import pytest
 import tifffile
 import torch
 from conftest import read_log
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import util.preemption
 from util.data.builders import build_dataset, build_pretrain_dataset
 from util.data.errors import DatasetError
+from util.data.sources import build_pretrain_sources
 from util.data.vocabulary import UnknownChannelError, map_to_vocabulary
 from util.loaders import SourceBatchSampler
 from util.preemption import restore_stop_handlers
@@ -243,6 +246,29 @@ def test_source_batch_sampler_is_the_same_on_every_rank():
     assert list(ranks[0]) == a[4:] and len(ranks[0]) == 7
 
 
+def test_data_mix_file(roots, tmp_path):
+    """A data-mix file: sources relative to it, weights, per-source statistics and channel names, a vocabulary."""
+    stats = tmp_path / "s2_stats.json"
+    stats.write_text((REPO / "sample_data" / "sentinel2" / "channel_stats.json").read_text())
+    mix = tmp_path / "mix.json"
+    mix.write_text(json.dumps({
+        "sources": [
+            {"path": os.path.relpath(roots / "ihc", tmp_path)},
+            {"path": os.path.relpath(REPO / "sample_data" / "sentinel2", tmp_path), "weight": 2,
+             "channel_stats": "s2_stats.json", "channel_names": "B02,B03,B04,B08,B11,B12"},
+        ],
+        "channel_vocabulary": ["B02", "B03", "B04", "B08", "B11", "B12", "R", "G", "B", "H", "E", "DAB"],
+    }))  # fmt: skip
+    datasets, sources, vocabulary = build_pretrain_sources(Namespace(data_path=str(mix), input_size=32))
+    assert [(s.name, s.weight) for s in sources] == [("ihc", 1.0), ("sentinel2", 2.0)] and vocabulary[0] == "B02"
+    assert datasets[1].read_names[0] == "B02" and datasets[1].norm_source == str(stats)
+    sampler = SourceBatchSampler([len(d) for d in datasets], 8, 1, 0, 0, [s.weight for s in sources])
+    assert sampler.counts == [32 // 8, 2 * 54 // 8]
+    mix.write_text(json.dumps({"sources": [{"path": "x", "wieght": 2}]}))
+    with pytest.raises(DatasetError, match=r"mix.json: source 0 has unknown keys \['wieght'\]"):
+        build_pretrain_sources(Namespace(data_path=str(mix)))
+
+
 def mixed_flags(roots, output_dir, epochs=2):
     return [
         *("--data_path", roots / "ihc", roots / "orig" / "train.csv", "--epochs", epochs, "--warmup_epochs", "1"),
@@ -261,6 +287,9 @@ def test_two_sources_train_log_per_source_and_resume_exactly(roots, cli, tmp_pat
     assert all(e["train_loss_ihc"] > 0 and e["train_loss_orig_train"] > 0 for e in log)
     losses = sorted([log[-1]["train_loss_ihc"], log[-1]["train_loss_orig_train"]])
     assert losses[0] <= log[-1]["train_loss"] <= losses[1]
+    accumulator = EventAccumulator(str(tmp_path / "full"))
+    accumulator.Reload()
+    assert {"train_loss_ihc", "train_loss_orig_train"} <= set(accumulator.Tags()["scalars"])
 
     calls = {"n": 0}
     real = util.preemption.stop_requested

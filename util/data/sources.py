@@ -177,10 +177,6 @@ class MixedDataset(torch.utils.data.Dataset):
     def sizes(self) -> list[int]:
         return [len(d) for d in self.sources]
 
-    def refresh_embed_ids(self):
-        """Take the sources' ``embed_ids`` again (after ``assign_vocabulary``)."""
-        self._embed = [torch.as_tensor(d.embed_ids, dtype=torch.long) for d in self.sources]
-
     def __len__(self):
         return self.offsets[-1]
 
