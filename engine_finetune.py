@@ -12,6 +12,7 @@ from util.data.stats import normalization_record
 from util.data.vocabulary import (
     assign_vocabulary,
     check_fixed_order,
+    is_positional,
     parse_new_channels,
     union_vocabulary,
     vocabulary_record,
@@ -119,7 +120,7 @@ def build_data(args, device, checkpoint_stats: dict | None = None, vocabulary=No
     print(f"Channel vocabulary ({len(names)} embedding rows): {','.join(names)}")
     args.normalization = normalization_record(dataset_train)
     args.vocabulary = vocabulary_record(names, [dataset_train])
-    if args.channels is not None:
+    if args.channels is not None and not is_positional(dataset_train.channel_names):
         args.channels = ",".join(dataset_train.read_names)  # by name, for a later --resume / --eval
     if args.nb_classes is None:
         args.nb_classes = dataset_train.nb_classes

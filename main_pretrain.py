@@ -14,7 +14,7 @@ import util.vis as vis
 from engine_pretrain import train_one_epoch
 from models_checkpoint import build_pretrain_model
 from util.amp import NativeScaler
-from util.checkpoint import checkpoint_channel_names, resolve_resume
+from util.checkpoint import checkpoint_channel_names, load_checkpoint, resolve_resume
 from util.cli import (
     add_common_args,
     describe_dataset,
@@ -123,16 +123,15 @@ def check_channels(args, datasets, sources):
         )
 
 
-def channel_vocabulary(args, datasets, given=None) -> list[str]:
+def channel_vocabulary(args, datasets, given=None, checkpoint=None) -> list[str]:
     """The channel names of the model's embedding rows, set as each dataset's ``embed_ids``: those of the checkpoint
     resumed from when it names every channel read (so a resumed run maps them by name), else
     ``--channel_vocabulary`` (or the data-mix file's), else the union of the sources' names (a checkpoint that does
-    not fit them is then refused when it is loaded)."""
-    resume = resolve_resume(args)
-    if resume:
-        known = checkpoint_channel_names(resume, args.unsafe_load)
+    not fit them is then refused when it is loaded). checkpoint: the ``--resume`` file's contents, or None."""
+    if checkpoint is not None:
+        known = checkpoint_channel_names(checkpoint, args.resume)
         if not is_positional(known) and {n for d in datasets for n in d.read_names} <= set(known):
-            return assign_vocabulary(datasets, known, source=resume, by_position=False)
+            return assign_vocabulary(datasets, known, source=args.resume, by_position=False)
     vocabulary = union_vocabulary(datasets, args.channel_vocabulary or given)
     return assign_vocabulary(datasets, vocabulary, source="--channel_vocabulary", by_position=False)
 
@@ -151,15 +150,16 @@ def main(args):
 
     datasets, sources, given = build_pretrain_sources(args)
     check_channels(args, datasets, sources)
-    vocabulary = channel_vocabulary(args, datasets, given)
+    checkpoint = load_checkpoint(args.resume, args.unsafe_load) if resolve_resume(args) else None
+    vocabulary = channel_vocabulary(args, datasets, given, checkpoint)
     dataset_train, description = training_data(args, datasets, sources)
     print(description)
     print(f"Channel vocabulary ({len(vocabulary)} embedding rows): {','.join(vocabulary)}")
     # saved with the checkpoints, for fine-tuning: normalisation, channel names and per-name statistics
     args.normalization = normalization_record(datasets[0]) if len(datasets) == 1 else names_record(datasets)
     args.vocabulary = vocabulary_record(vocabulary, datasets)
-    if args.channels is not None:
-        args.channels = ",".join(datasets[0].read_names) if len(datasets) == 1 else args.channels
+    if args.channels is not None and len(datasets) == 1 and not is_positional(datasets[0].channel_names):
+        args.channels = ",".join(datasets[0].read_names)  # by name, for the tools that read the checkpoint
     channel_ids = torch.as_tensor(datasets[0].embed_ids, dtype=torch.long, device=device)
     data_loader_train = build_train_loader(dataset_train, args)
     if len(datasets) > 1:  # the same on every process (util.loaders.SourceBatchSampler)
@@ -186,6 +186,7 @@ def main(args):
 
     model, _ = wrap_model(model, args, device)
     state = TrainState(args, model, model_without_ddp, optimizer, loss_scaler, device, channel_ids)
+    state.checkpoint = checkpoint
 
     def visualise(epoch: int):
         """Every --vis_every epochs and at the last: the bare module on rank 0 only (no collective), and the

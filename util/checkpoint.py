@@ -181,11 +181,10 @@ def read_checkpoint(path: str, unsafe: bool = False) -> tuple[dict, dict, dict]:
     return clean_state_dict(state_dict), dict(args or {}), checkpoint
 
 
-def checkpoint_channel_names(path: str, unsafe: bool = False) -> list[str]:
-    """The channel vocabulary of the checkpoint ``path`` (``util.data.vocabulary.checkpoint_vocabulary``): its
-    ``channel_names``, else positional names for the rows of its channel embedding (or its input planes)."""
-    _, _, checkpoint = read_checkpoint(path, unsafe=unsafe)
-    state = checkpoint.get("model", checkpoint)
+def checkpoint_channel_names(checkpoint: dict, path: str) -> list[str]:
+    """The channel vocabulary of ``checkpoint`` (read from ``path``; ``util.data.vocabulary.checkpoint_vocabulary``):
+    its ``channel_names``, else positional names for the rows of its channel embedding (or its input planes)."""
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else {}
     rows = state.get("channel_embed", state.get("patch_embed.proj.weight"))
     num_rows = None if rows is None else rows.shape[0 if "channel_embed" in state else 1]
     return checkpoint_vocabulary(checkpoint, num_rows, path)
@@ -243,17 +242,19 @@ def resolve_resume(args) -> str:
     return getattr(args, "resume", "")
 
 
-def load_model(args, model_without_ddp, optimizer=None, loss_scaler=None) -> dict | None:
+def load_model(args, model_without_ddp, optimizer=None, loss_scaler=None, checkpoint=None) -> dict | None:
     """Resume from ``args.resume`` (or, with ``args.auto_resume``, the newest checkpoint in ``args.output_dir``).
 
     Restores the model and, unless ``args.eval``, the optimizer, scaler, ``args.start_epoch`` (= saved epoch + 1;
     the saved epoch itself for a mid-epoch checkpoint, see ``resume_progress``) and this process's RNG states, so
     call it after everything that draws random numbers at start-up. A checkpoint that does not fit raises
-    ``CheckpointMismatchError``. Returns the checkpoint dict (None when there is nothing to resume).
+    ``CheckpointMismatchError``. ``checkpoint``: the file's contents when the caller has read them already (so it is
+    unpickled once). Returns the checkpoint dict (None when there is nothing to resume).
     """
     if not resolve_resume(args):
         return None
-    checkpoint = load_checkpoint(args.resume, unsafe=getattr(args, "unsafe_load", False))
+    if checkpoint is None:
+        checkpoint = load_checkpoint(args.resume, unsafe=getattr(args, "unsafe_load", False))
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise CheckpointError(f"{args.resume} is not a training checkpoint (no 'model' state dict)")
     check_state_dict(model_without_ddp, checkpoint["model"], args.resume)

@@ -53,7 +53,8 @@ class TrainState:
     ``model`` trains (maybe wrapped in DDP and/or compiled); ``model_without_ddp`` is the bare module whose state is
     saved; ``eval_model`` evaluates (the same weights without DDP). ``channel_ids`` (C,) name the input planes.
     ``progress``: the mid-epoch position of the checkpoint resumed from (``util.preemption.resume_progress``).
-    ``max_accuracy``: the best top-1 so far, for runs that evaluate.
+    ``max_accuracy``: the best top-1 so far, for runs that evaluate. ``checkpoint``: the ``--resume`` file's
+    contents when the entry point has read them already (for its channel vocabulary); ``resume`` loads and drops it.
     """
 
     args: argparse.Namespace
@@ -67,6 +68,7 @@ class TrainState:
     log_writer: Any = None
     progress: dict | None = None
     max_accuracy: float = 0.0
+    checkpoint: dict | None = None
 
     @property
     def n_parameters(self) -> int:
@@ -113,7 +115,7 @@ def train_epoch(state: TrainState, data_loader, epoch: int, batch_loss: BatchLos
 
         log_train_step(step, num_steps, epoch, lr, tracker, metric_logger, state.log_writer, args.print_freq)
         if update and step + 1 < num_steps:  # a stop at the last step is handled once the epoch is saved
-            stop_if_requested(epoch, step, tracker, metric_logger, args.batch_size)
+            stop_if_requested(epoch, step, tracker, metric_logger, data_loader.batch_sampler.batch_size)
 
     print("Averaged stats:", metric_logger)
     return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
@@ -133,7 +135,8 @@ def resume(state: TrainState) -> dict | None:
     """Load ``--resume`` / ``--auto_resume`` into the state (weights, optimizer, scaler, epoch, RNG, mid-epoch
     position, best accuracy); call after everything that draws random numbers at start-up. Returns the checkpoint."""
     args = state.args
-    checkpoint = load_model(args, state.model_without_ddp, state.optimizer, state.loss_scaler)
+    checkpoint = load_model(args, state.model_without_ddp, state.optimizer, state.loss_scaler, state.checkpoint)
+    state.checkpoint = None
     if checkpoint and not getattr(args, "eval", False):
         state.max_accuracy = checkpoint.get("max_accuracy", 0.0)
     state.progress = resume_progress(checkpoint, args)
