@@ -60,7 +60,7 @@ POOLS = ("mean", "cls")
 
 def get_args_parser():
     parser = argparse.ArgumentParser("Encoder feature export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--resume", required=True, help="pretraining or classifier checkpoint")
+    parser.add_argument("--resume", required=True, help="pretraining or classifier checkpoint (file or model folder)")
     parser.add_argument("--out", default="features.npz", help="output .npz")
     parser.add_argument("--pool", default="mean", choices=POOLS, help="class token or mean of the patch tokens")
     parser.add_argument("--batch_size", default=64, type=int, help="batch size per process")

@@ -17,6 +17,7 @@ from timm.layers import trunc_normal_
 from engine_finetune import build_data, fit
 from models_checkpoint import build_classifier, load_pretrained
 from models_flags import CHECKPOINT_EPILOG, DEFAULTS, add_model_args, resolve_checkpoint_flags
+from models_vit import probe_head
 from util.amp import NativeScaler
 from util.cli import add_common_args, describe_optimizer, run_main, setup_run
 from util.data.errors import DatasetError
@@ -117,7 +118,7 @@ def main(args):
     if checkpoints.pretrained is not None:
         load_pretrained(model, checkpoints.pretrained, args.finetune)
     trunc_normal_(model.head.weight, std=0.01)
-    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+    model.head = probe_head(model.head)
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith("head.")
     if args.grad_checkpointing:

@@ -212,8 +212,9 @@ def model_from_checkpoint(path, model=None, input_size=None, encoder_only=False,
     encoder_only: build a classifier (vit_* / channelvit_*) without head even from a pretraining checkpoint.
     overrides: further model kwargs (e.g. norm_pix_loss=True, mask_mode='spatial', num_heads=2).
 
-    Returns (model, info) with info = {'name', 'kind' ('pretrain' | 'classifier'), 'args', 'epoch', 'vocabulary'
-    (the channel names of its embedding rows, ``state_vocabulary``)}.
+    Returns (model, info) with info = {'name', 'kind' ('pretrain' | 'classifier'), 'args', 'epoch', 'kwargs' (the
+    ``create_model`` kwargs it was built with), 'vocabulary' (the channel names of its embedding rows,
+    ``state_vocabulary``)}.
     A pretraining checkpoint gives the MAE / ChannelMAE with its decoder unless encoder_only; a classifier
     checkpoint (or an encoder-only published file) gives the classifier with num_classes=0 (no head).
     """
@@ -267,9 +268,9 @@ def model_from_checkpoint(path, model=None, input_size=None, encoder_only=False,
     net.eval()
     epoch = checkpoint.get("epoch")
     epoch = epoch if isinstance(epoch, int) else None
+    kind = "pretrain" if pretrain else "classifier"
     vocabulary = state_vocabulary(checkpoint, state_dict, path)
-    info = dict(name=name, kind="pretrain" if pretrain else "classifier", args=args, epoch=epoch, vocabulary=vocabulary)
-    return net, info
+    return net, dict(name=name, kind=kind, args=args, epoch=epoch, kwargs=kwargs, vocabulary=vocabulary)
 
 
 def build_pretrain_model(args, in_chans: int, num_channels: int):

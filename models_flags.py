@@ -75,7 +75,7 @@ def add_model_args(parser):
         help="other model overrides, e.g. depth=2 (default: the checkpoint's)",
     )
     g.add_argument("--hcs", action="store_true", help="hierarchical channel sampling in training (ChannelViT)")
-    g.add_argument("--finetune", default="", help="initialise the encoder from this pretraining checkpoint")
+    g.add_argument("--finetune", default="", help="initialise the encoder from this checkpoint (file or model folder)")
     g.add_argument("--nb_classes", default=None, type=int, help="number of classes (default: from the dataset)")
     g.add_argument(
         "--new_channels",

@@ -86,6 +86,11 @@ class ChannelVisionTransformer(VisionTransformer):
         return self.forward_head(x)
 
 
+def probe_head(head: nn.Linear) -> nn.Sequential:
+    """A linear probe's head: BatchNorm without affine parameters (MAE's), then ``head``."""
+    return nn.Sequential(nn.BatchNorm1d(head.in_features, affine=False, eps=1e-6), head)
+
+
 def build_sized(cls, size, **kwargs):
     """Instantiate `cls` with the encoder size's defaults; kwargs override them."""
     return cls(**{**SIZES[size], **kwargs})

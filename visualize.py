@@ -37,7 +37,7 @@ def parse_rgb(value):
 
 def get_args_parser():
     parser = argparse.ArgumentParser("MAE / ChannelMAE reconstructions", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--resume", required=True, help="checkpoint with a decoder (ours or published MAE)")
+    parser.add_argument("--resume", required=True, help="checkpoint with a decoder (ours, published MAE, model folder)")
     parser.add_argument("--out", default="recon.png", help="output PNG")
     parser.add_argument("--n", default=8, type=int, help="number of samples")
     parser.add_argument("--mask_ratio", default=None, type=float, help="default: the checkpoint's, else 0.75")

@@ -16,6 +16,7 @@ from timm.models import clean_state_dict
 from util.data.vocabulary import checkpoint_vocabulary
 from util.distributed import get_rank, get_world_size, is_main_process
 from util.errors import CheckpointError, CheckpointMismatchError, OutputError
+from util.model_folder import is_model_folder, read_model_folder
 from util.preemption import PROGRESS_KEY
 from util.rng import epoch_seed, gather_rng_states, seed_everything, set_rng_state
 
@@ -141,8 +142,10 @@ def load_checkpoint(path: str, unsafe: bool = False) -> dict:
     ``argparse.Namespace`` is allowed as well: the published fine-tuned MAE checkpoints store their ``'args'`` as one
     (it holds plain values only). Raises ``CheckpointError`` for a missing or unreadable file, and for one holding
     pickled objects other than tensors and plain values (refused without ``unsafe``: unpickling them could run
-    arbitrary code).
+    arbitrary code). A directory is read as a model folder (``util.model_folder.read_model_folder``).
     """
+    if is_model_folder(path):
+        return read_model_folder(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=not unsafe)
@@ -159,7 +162,7 @@ def load_checkpoint(path: str, unsafe: bool = False) -> dict:
 
 
 def read_checkpoint(path: str, unsafe: bool = False) -> tuple[dict, dict, dict]:
-    """Read the checkpoint file ``path``: ours, MAE's published ones or a bare state dict.
+    """Read the checkpoint ``path``: ours, MAE's published ones, a bare state dict or a model folder.
 
     Returns (state dict without DDP / compile prefixes, recorded args ({} if absent; a Namespace becomes a dict),
     the whole checkpoint dict). Raises ``CheckpointError`` for a file that is no checkpoint.

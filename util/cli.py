@@ -20,6 +20,7 @@ from util.metric_log import NonFiniteLossError
 from util.output_dir import check_new_or_resumed, check_writable, lock_output_dir, release_output_dir
 from util.preemption import TrainingStopped, restore_stop_handlers
 from util.rng import seed_everything
+from util.wandb_writer import check_wandb
 
 
 def parse_model_kwargs(items) -> dict:
@@ -140,6 +141,13 @@ def add_runtime_args(parser: argparse.ArgumentParser):
     parser.set_defaults(pin_mem=True)
     g.add_argument("--print_freq", default=20, type=int, help="log every N iterations")
     g.add_argument(
+        "--wandb",
+        default=None,
+        metavar="PROJECT",
+        help="also log to this Weights & Biases project (needs `pip install wandb`; WANDB_MODE=offline works offline)",
+    )
+    g.add_argument("--wandb_name", default=None, metavar="NAME", help="W&B run name (default: W&B's)")
+    g.add_argument(
         "--amp",
         default=None,
         choices=sorted(AMP_DTYPES),
@@ -167,9 +175,11 @@ def add_common_args(parser: argparse.ArgumentParser):
 
 
 def setup_run(args) -> torch.device:
-    """Join the process group, pick the device and AMP mode, seed (seed + rank), create the output dirs and check
-    that they are writable, and (rank 0, unless ``--eval``) make this run the owner of ``--output_dir``
-    (``lock_output_dir``, ``check_new_or_resumed``); ``OutputError`` before any training otherwise."""
+    """Refuse ``--wandb`` without the wandb package, join the process group, pick the device and AMP mode, seed
+    (seed + rank), create the output dirs and check that they are writable, and (rank 0, unless ``--eval``) make this
+    run the owner of ``--output_dir`` (``lock_output_dir``, ``check_new_or_resumed``); ``OutputError`` before any
+    training otherwise."""
+    check_wandb(args)
     init_distributed_mode(args)
     if args.log_dir is None:
         args.log_dir = args.output_dir

@@ -1,4 +1,4 @@
-"""Training metrics: smoothed meters, the progress printer, on-device loss tracking, log.txt and TensorBoard."""
+"""Training metrics: smoothed meters, the progress printer, on-device loss tracking, log.txt, TensorBoard (and W&B)."""
 
 import datetime
 import json
@@ -18,6 +18,7 @@ from util.distributed import (
     reduction_device,
 )
 from util.errors import OutputError
+from util.wandb_writer import LogWriters, WandbWriter
 
 
 class SmoothedValue:
@@ -217,12 +218,20 @@ def log_train_step(step, num_steps, epoch, lr, tracker, metric_logger, log_write
 
 
 def open_log_writer(args):
-    """A TensorBoard ``SummaryWriter`` on ``args.log_dir`` on rank 0, else None."""
-    if not is_main_process() or not args.log_dir:
+    """On rank 0: a TensorBoard ``SummaryWriter`` on ``args.log_dir`` and, with ``--wandb``, a W&B run, both behind
+    one writer (``util.wandb_writer``); None elsewhere or with neither."""
+    if not is_main_process():
         return None
-    from torch.utils.tensorboard import SummaryWriter
+    writers = []
+    if args.log_dir:
+        from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=args.log_dir)
+        writers.append(SummaryWriter(log_dir=args.log_dir))
+    if getattr(args, "wandb", None):
+        writers.append(WandbWriter(args))
+    if len(writers) < 2:
+        return writers[0] if writers else None
+    return LogWriters(writers)
 
 
 def write_log(args, stats: dict, log_writer=None):
