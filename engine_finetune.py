@@ -8,6 +8,7 @@ import torch
 from util.amp import autocast
 from util.cli import describe_dataset
 from util.data.builders import build_dataset
+from util.data.device_augment import training_items
 from util.data.stats import normalization_record
 from util.data.vocabulary import (
     assign_vocabulary,
@@ -109,9 +110,10 @@ def channel_vocabulary(args, datasets, vocabulary=None, resumed=False) -> list[s
 
 def build_data(args, device, checkpoint_stats: dict | None = None, vocabulary=None, resumed: bool = False):
     """(train dataset, train loader (None under --eval), val loader, channel ids (C,): the embedding rows of the
-    channels read); sets ``args.nb_classes`` when not given, ``args.normalization`` and ``args.vocabulary`` (saved
-    with the checkpoints). checkpoint_stats: the checkpoint's recorded normalisation; vocabulary, resumed: its
-    channel names and whether it is resumed (``channel_vocabulary``)."""
+    channels read); sets ``args.nb_classes`` when not given (``RunError`` when it is given and below the number of
+    classes), ``args.normalization`` and ``args.vocabulary`` (saved with the checkpoints). checkpoint_stats: the
+    checkpoint's recorded normalisation; vocabulary, resumed: its channel names and whether it is resumed
+    (``channel_vocabulary``)."""
     dataset_train = build_dataset(True, args, checkpoint_stats)
     dataset_val = build_dataset(False, args, checkpoint_stats)
     names = channel_vocabulary(args, [dataset_train, dataset_val], vocabulary, resumed)
@@ -124,8 +126,14 @@ def build_data(args, device, checkpoint_stats: dict | None = None, vocabulary=No
         args.channels = ",".join(dataset_train.read_names)  # by name, for a later --resume / --eval
     if args.nb_classes is None:
         args.nb_classes = dataset_train.nb_classes
+    elif args.nb_classes < dataset_train.nb_classes:
+        raise RunError(
+            f"--nb_classes {args.nb_classes} is below the {dataset_train.nb_classes} classes of the train split of "
+            f"{args.data_path}: their labels would index no output; leave --nb_classes out to take "
+            f"{dataset_train.nb_classes}"
+        )
     channel_ids = torch.as_tensor(dataset_train.embed_ids, dtype=torch.long, device=device)
-    loader_train = None if args.eval else build_train_loader(dataset_train, args)
+    loader_train = None if args.eval else build_train_loader(training_items(dataset_train, args), args)
     loader_val = build_eval_loader(dataset_val, args)
     return dataset_train, loader_train, loader_val, channel_ids
 

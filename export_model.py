@@ -10,17 +10,17 @@ Reads any checkpoint (pretraining, fine-tuned, linear probe; ours or MAE's publi
         --channel_names R G B --mean 123.675 116.28 103.53 --std 58.395 57.12 57.375
 """
 
-import argparse
 import os
 
 from models_folder import export
 from util.cli import FloatListAction, parse_model_kwargs, run_main
 from util.errors import RunError
+from util.flags import ArgumentParser
 from util.model_folder import write_model_folder
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Model folder export", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser("Model folder export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--resume", required=True, help="checkpoint file (or model folder) to export")
     parser.add_argument("--out", required=True, help="output folder (created; its two files are replaced)")
     parser.add_argument("--no_decoder", action="store_true", help="keep the encoder only (a vit_* / channelvit_*)")

@@ -12,7 +12,9 @@ Output arrays: features (N, D) float32 (--pool cls | mean of patch tokens); chan
 models: mean of each channel's patch tokens); labels (N,) int64 (-1 unlabelled); paths (N,) str (a sample made
 of one file per channel lists them joined by '|'); split (N,) str; classes, channel_ids, channel_names, model,
 pool, checkpoint; with --knn_k: knn_top1, knn_top5 (percent), knn_k, knn_t, knn_pred (val rows, -1 elsewhere);
-with --group_regex: groups (G,) str, group_features (G, D), group_counts (G,).
+with --group_regex: groups (G,) str, group_features (G, D), group_counts (G,); metadata_columns (M,) str, the CSV
+metadata columns (``Metadata_*``, ``--metadata_columns``, util/data/metadata.py), and for each one
+``metadata_<column>`` (N,) str, its value per row, e.g. to group wells by plate.
 
 Memory: features stream batch by batch into .npy memory maps under OUT.parts/ (one per process, merged by rank
 0, then written into the .npz in chunks and deleted), so only paths, labels and k-NN/group bookkeeping are held
@@ -20,7 +22,6 @@ in RAM. With several processes OUT must be on a file system that every process s
 processed exactly once (strided shards, no padding duplicates).
 """
 
-import argparse
 import os
 import shutil
 import time
@@ -30,10 +31,12 @@ import torch
 import torch.distributed as dist
 
 from models_checkpoint import model_from_checkpoint
+from models_preflight import check_group_regex, check_model_channels, check_patch_grid
 from util.amp import AMP_DTYPES, autocast
 from util.cli import add_distributed_args, add_reading_args, parse_model_kwargs, run_main
 from util.data.errors import DatasetError
 from util.data.evaluation import SPLITS, eval_dataset, inherit_data_args
+from util.data.metadata import concat_metadata
 from util.distributed import (
     cleanup_distributed,
     default_device,
@@ -53,13 +56,15 @@ from util.features import (
     merge_shards,
     open_array,
 )
+from util.flags import ArgumentParser, regex
 from util.loaders import ShardSampler
+from util.output_dir import check_output_file
 
 POOLS = ("mean", "cls")
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Encoder feature export", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser("Encoder feature export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--resume", required=True, help="pretraining or classifier checkpoint (file or model folder)")
     parser.add_argument("--out", default="features.npz", help="output .npz")
     parser.add_argument("--pool", default="mean", choices=POOLS, help="class token or mean of the patch tokens")
@@ -69,6 +74,7 @@ def get_args_parser():
     parser.add_argument(
         "--group_regex",
         default=None,
+        type=regex,
         help="also average per group: regex on the file path; group 1 (else the match) names it",
     )
     g = parser.add_argument_group("model")
@@ -165,11 +171,17 @@ def main(args):
     if info["kind"] == "pretrain" and is_channel_model(model):
         model.mask_mode = "independent"  # mask ratio 0 keeps every token only in this mode
     model.to(device)
+    if args.input_size:
+        check_patch_grid(args.input_size, model.patch_embed.patch_size[0], f"from {args.resume}")
     inherit_data_args(args, info["args"], model)
+    check_output_file(args.out, "--out")
     stats = info["args"].get("normalization")
     datasets = [eval_dataset(args, s, stats) for s in (("train", "val") if split == "trainval" else (split,))]
     for d in datasets:
         d.skip_bad_samples = False  # each row must be the features of its path
+        check_model_channels(model, d, args.channels)
+    if args.group_regex:
+        check_group_regex(args.group_regex, [sample_path(files) for d in datasets for files, _ in d.samples])
     dataset = torch.utils.data.ConcatDataset(datasets)
     channel_ids = torch.as_tensor(channel_rows(datasets, info, args.resume, model), device=device)
     print(f"{info['name']} ({info['kind']}, {args.resume}): {len(dataset)} samples, channels {channel_ids.tolist()}")
@@ -209,6 +221,9 @@ def main(args):
         pool=np.asarray(args.pool),
         checkpoint=np.asarray(os.path.abspath(args.resume)),
     )
+    metadata = concat_metadata(datasets)
+    arrays.update({f"metadata_{column}": np.asarray(values, dtype=str) for column, values in metadata.items()})
+    arrays["metadata_columns"] = np.asarray(list(metadata), dtype=str)
     if args.knn_k:
         top1, top5, query_rows, pred = knn_accuracy(
             arrays["features"],

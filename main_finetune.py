@@ -5,8 +5,6 @@ into the encoder; ``--eval --resume ckpt`` scores a checkpoint and exits. With n
 on the bundled ``sample_data/digits``. Flags that belong to a checkpoint default to its values (``CHECKPOINT_EPILOG``).
 """
 
-import argparse
-
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -17,18 +15,20 @@ from models_checkpoint import build_classifier, load_pretrained
 from models_flags import CHECKPOINT_EPILOG, add_model_args, resolve_checkpoint_flags
 from util.amp import NativeScaler
 from util.cli import add_common_args, describe_optimizer, run_main, setup_run
+from util.data.device_augment import add_gpu_augment_arg
 from util.data.errors import DatasetError
 from util.distributed import wrap_model
+from util.fast_paths import adamw_kwargs
+from util.flags import ArgumentParser
 from util.optim import scale_lr
 from util.trainer import TrainState
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         "ViT / ChannelViT fine-tuning for image classification",
         add_help=False,
         epilog=CHECKPOINT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--batch_size", default=64, type=int, help="batch size per process")
     parser.add_argument("--epochs", default=20, type=int)
@@ -71,6 +71,7 @@ def get_args_parser():
     g.add_argument("--dist_eval", action="store_true", help="distributed evaluation (each process a shard)")
 
     add_common_args(parser)
+    add_gpu_augment_arg(parser)
     parser.set_defaults(data_path=None, input_size=None)  # DEFAULTS, after the checkpoint's (CHECKPOINT_EPILOG)
     return parser
 
@@ -116,7 +117,7 @@ def main(args):
     param_groups = param_groups_layer_decay(
         model_without_ddp, args.weight_decay, model_without_ddp.no_weight_decay(), layer_decay=args.layer_decay
     )
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, **adamw_kwargs(device, not args.no_fast_paths))
     loss_scaler = NativeScaler(device, args.amp)
     if mixup_fn is not None:
         criterion = SoftTargetCrossEntropy()

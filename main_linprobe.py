@@ -8,7 +8,6 @@ per-step update is kept, where MAE's scaling would shrink it by 16384 / batch (5
 leave the head of a small-data probe at its random initialisation.
 """
 
-import argparse
 import math
 
 import torch
@@ -22,6 +21,7 @@ from util.amp import NativeScaler
 from util.cli import add_common_args, describe_optimizer, run_main, setup_run
 from util.data.errors import DatasetError
 from util.distributed import wrap_model
+from util.flags import ArgumentParser
 from util.lars import LARS
 from util.optim import scale_lr
 from util.trainer import TrainState
@@ -33,11 +33,10 @@ RECIPE_LR = 0.1 * 16384 / 256
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         "Linear probing of a pretrained encoder",
         add_help=False,
         epilog=CHECKPOINT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--batch_size", default=64, type=int, help="batch size per process")
     parser.add_argument("--epochs", default=20, type=int)

@@ -4,7 +4,6 @@ With no flags at all it pretrains a tiny ChannelMAE on the bundled ``sample_data
 else on the CPU, writing checkpoints, ``log.txt`` (one JSON line per epoch) and TensorBoard events to ./output_dir.
 """
 
-import argparse
 import os
 
 import torch
@@ -13,6 +12,7 @@ import models_chamae
 import util.vis as vis
 from engine_pretrain import train_one_epoch
 from models_checkpoint import build_pretrain_model
+from models_preflight import check_patch_grid, check_pretrain_resume, model_patch_size
 from util.amp import NativeScaler
 from util.checkpoint import checkpoint_channel_names, load_checkpoint, resolve_resume
 from util.cli import (
@@ -22,12 +22,15 @@ from util.cli import (
     run_main,
     setup_run,
 )
+from util.data.device_augment import add_gpu_augment_arg, training_items
 from util.data.errors import DatasetError
 from util.data.sources import MixedDataset, build_pretrain_sources, names_record
 from util.data.stats import normalization_record
 from util.data.vocabulary import assign_vocabulary, is_positional, union_vocabulary, vocabulary_record
 from util.distributed import get_rank, is_main_process, wrap_model
 from util.errors import RunError
+from util.fast_paths import adamw_kwargs
+from util.flags import ArgumentParser
 from util.loaders import build_train_loader
 from util.optim import pretrain_param_groups, scale_lr
 from util.trainer import TrainState, fit
@@ -36,7 +39,7 @@ REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("MAE / ChannelMAE pre-training", add_help=False)
+    parser = ArgumentParser("MAE / ChannelMAE pre-training", add_help=False)
     parser.add_argument("--batch_size", default=64, type=int, help="batch size per process")
     parser.add_argument("--epochs", default=20, type=int)
     parser.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
@@ -84,6 +87,7 @@ def get_args_parser():
         help="the names of the model's channel-embedding rows, in row order (default: the checkpoint resumed from, "
         "the data-mix file's, else the union of the sources' channel names in order of appearance)",
     )
+    add_gpu_augment_arg(parser)
     parser.set_defaults(data_path=os.path.join(REPO_DIR, "sample_data", "ihc"), input_size=64)
     return parser
 
@@ -104,6 +108,9 @@ def check_flags(args):
     channel_flags += ["--hcs"] if args.hcs else []
     if channel_flags and args.model.startswith("mae_"):
         raise RunError(f"{' and '.join(channel_flags)} need a chamae_* model; {args.model} masks whole patches")
+    source = "--patch_size" if args.patch_size else f"--model {args.model}"
+    args.patch_size = model_patch_size(args.model, args.patch_size, args.model_kwargs)
+    check_patch_grid(args.input_size, args.patch_size, source)
 
 
 def check_channels(args, datasets, sources):
@@ -146,6 +153,7 @@ def training_data(args, datasets, sources):
 
 def main(args):
     check_flags(args)
+    check_pretrain_resume(args)
     device = setup_run(args)
 
     datasets, sources, given = build_pretrain_sources(args)
@@ -161,7 +169,9 @@ def main(args):
     if args.channels is not None and len(datasets) == 1 and not is_positional(datasets[0].channel_names):
         args.channels = ",".join(datasets[0].read_names)  # by name, for the tools that read the checkpoint
     channel_ids = torch.as_tensor(datasets[0].embed_ids, dtype=torch.long, device=device)
-    data_loader_train = build_train_loader(dataset_train, args)
+    data_loader_train = build_train_loader(
+        training_items(dataset_train, args) if len(datasets) == 1 else dataset_train, args
+    )
     if len(datasets) > 1:  # the same on every process (util.loaders.SourceBatchSampler)
         print(f"[rank {get_rank()}] {len(data_loader_train)} batches per epoch", force=True)
     vis_batch = None
@@ -179,7 +189,10 @@ def main(args):
     scale_lr(args)
 
     optimizer = torch.optim.AdamW(
-        pretrain_param_groups(model_without_ddp, args.weight_decay), lr=args.lr, betas=(0.9, 0.95)
+        pretrain_param_groups(model_without_ddp, args.weight_decay),
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        **adamw_kwargs(device, not args.no_fast_paths),
     )
     loss_scaler = NativeScaler(device, args.amp)
     print(f"AMP: {args.amp}; {describe_optimizer(optimizer)}")

@@ -314,12 +314,19 @@ DROPPABLE_PREFIXES = ("norm.", "fc_norm.", "head.")
 """Pretrained keys a classifier may lack: the final norm (fc_norm replaces it under global pooling) and heads."""
 
 
+def _other_planes_only(weight, own) -> bool:
+    """Whether a patch projection (O, I, p, p) differs from the model's in its input planes I alone (so it can be
+    adapted; any other difference is left for the mismatch error, which then shows the checkpoint's shape)."""
+    return weight.shape[1] != own.shape[1] and (weight.shape[0], *weight.shape[2:]) == (own.shape[0], *own.shape[2:])
+
+
 def load_pretrained(model, state_dict: dict, path: str = ""):
     """Load a pretraining state dict into a classifier, MAE style.
 
     Decoder weights and the mask token are dropped, a head of the wrong shape is dropped, the position
     embedding is resampled to the model's grid, a patch projection with a different number of input planes is
-    adapted (timm's ``adapt_input_conv``). Only head/fc_norm (and channel_embed when the checkpoint has none)
+    adapted (timm's ``adapt_input_conv`` from the checkpoint's plane count: summed into one plane, else repeated and
+    scaled). Only head/fc_norm (and channel_embed when the checkpoint has none)
     may be missing, and only the final norm and heads (``DROPPABLE_PREFIXES``) may be left over: a per-channel
     encoder does not go into a ViT, nor a deeper one into a shallower model. A freshly initialised head gets
     ``trunc_normal_(std=2e-5)``. Returns load_state_dict's result.
@@ -343,9 +350,10 @@ def load_pretrained(model, state_dict: dict, path: str = ""):
             print(f"Removing key {key} from pretrained checkpoint (shape {tuple(state_dict[key].shape)})")
             del state_dict[key]
     key = "patch_embed.proj.weight"
-    if key in state_dict and state_dict[key].shape[1] != model_state[key].shape[1]:
-        print(f"Adapting {key} from {state_dict[key].shape[1]} to {model_state[key].shape[1]} input planes")
-        state_dict[key] = adapt_input_conv(model_state[key].shape[1], state_dict[key])
+    if key in state_dict and _other_planes_only(state_dict[key], model_state[key]):
+        planes = state_dict[key].shape[1]
+        print(f"Adapting {key} from {planes} to {model_state[key].shape[1]} input planes")
+        state_dict[key] = adapt_input_conv(model_state[key].shape[1], state_dict[key], base_chans=planes)
     interpolate_pos_embed(model, state_dict)
     allowed = set(HEAD_KEYS)
     if "channel_embed" not in state_dict:

@@ -11,6 +11,7 @@ from models_checkpoint import (
     encoder_kwargs,
     load_state_dict_from,
 )
+from models_preflight import check_classifier_checkpoint, check_patch_grid, model_patch_size
 from util.checkpoint import resolve_resume
 from util.cli import parse_model_kwargs
 from util.data.evaluation import DATA_FLAGS, inherit_args
@@ -115,8 +116,8 @@ def _flag_text(key, value) -> str:
 
 def take_checkpoint_flags(args, checkpoint_args, state_dict, path, resumed) -> dict:
     """Fill the unset flags that belong to the checkpoint at ``path``: --model (the classifier of its family),
-    the --model_kwargs keys not given, --input_size and, when ``resumed``, ``RESUME_FLAGS``. Returns {flag: value}
-    of what was taken."""
+    the --model_kwargs keys not given, --input_size, --patch_size and, when ``resumed``, ``RESUME_FLAGS``. Returns
+    {flag: value} of what was taken."""
     taken = {}
     if args.model is None and checkpoint_args.get("model"):
         args.model = taken["model"] = classifier_name(checkpoint_args["model"])
@@ -130,16 +131,29 @@ def take_checkpoint_flags(args, checkpoint_args, state_dict, path, resumed) -> d
     input_size = checkpoint_input_size(checkpoint_args, state_dict)
     if args.input_size is None and input_size:
         args.input_size = taken["input_size"] = input_size
+    if args.patch_size is None and "patch_size" not in given and "patch_embed.proj.weight" in state_dict:
+        args.patch_size = taken["patch_size"] = int(state_dict["patch_embed.proj.weight"].shape[-1])
     if resumed:
         taken.update({key: getattr(args, key) for key in inherit_args(args, checkpoint_args, RESUME_FLAGS)})
     return taken
+
+
+def check_input_size(args, checkpoint: str | None):
+    """Set ``args.patch_size`` to the patch size the classifier gets and refuse an --input_size it does not tile;
+    ``checkpoint``: the file the patch size came from, if it did."""
+    given = args.patch_size is not None and checkpoint is None
+    source = f"from {checkpoint}" if checkpoint else "--patch_size" if given else f"--model {args.model}"
+    args.patch_size = model_patch_size(args.model, args.patch_size, args.model_kwargs)
+    check_patch_grid(args.input_size, args.patch_size, source)
 
 
 def resolve_checkpoint_flags(args, defaults: dict = DEFAULTS) -> Checkpoints:
     """Refuse --eval without a checkpoint, read the checkpoints and fill the flags left unset, before any compute.
 
     Unset flags take the values of the checkpoint the model is shaped after (``take_checkpoint_flags``), then
-    ``defaults``. A head count other than the checkpoint's is refused (``check_architecture``).
+    ``defaults``. A head count other than the checkpoint's is refused (``check_architecture``), and so are a
+    pretraining checkpoint given to --resume, a per-channel one given to a ViT (``check_classifier_checkpoint``)
+    and an --input_size that the patch size does not tile (``check_input_size``).
     """
     resume = resolve_resume(args)
     if args.eval and not resume:
@@ -148,7 +162,7 @@ def resolve_checkpoint_flags(args, defaults: dict = DEFAULTS) -> Checkpoints:
             "training)"
         )
     given = {key: getattr(args, key) for key in (*MODEL_FLAGS, *RESUME_FLAGS) if getattr(args, key) not in (None, [])}
-    found = Checkpoints()
+    found, taken = Checkpoints(), {}
     if args.finetune and not args.eval:
         found.pretrained, checkpoint_args, found.vocabulary = load_state_dict_from(args.finetune, args)
         found.reference = found.pretrained
@@ -164,9 +178,14 @@ def resolve_checkpoint_flags(args, defaults: dict = DEFAULTS) -> Checkpoints:
     defaulted = {key: value for key, value in defaults.items() if getattr(args, key) is None}
     for key, value in defaulted.items():
         setattr(args, key, value)
+    if found.pretrained is not None:
+        check_classifier_checkpoint(args.finetune, found.pretrained, args.model, "--finetune")
+    if resume:
+        check_classifier_checkpoint(resume, found.reference, args.model, "--resume")
     if found.reference is not None:
         own = parse_model_kwargs(given.get("model_kwargs"))
         check_architecture(path, checkpoint_args, args.model, parse_model_kwargs(args.model_kwargs), own)
+    check_input_size(args, path if "patch_size" in taken else None)
     for title, values in (("From the command line", given), ("Defaults", defaulted)):
         if values:
             found.sources.append(f"{title}: " + " ".join(_flag_text(*kv) for kv in values.items()))

@@ -20,6 +20,7 @@ from matplotlib.ticker import MaxNLocator
 
 from util.cli import run_main
 from util.errors import RunError
+from util.flags import ArgumentParser
 
 PANEL_INCHES, DPI = (4.8, 3.2), 100
 """Size of one panel: 480 x 320 pixels."""
@@ -109,7 +110,7 @@ def plot(paths: list[str], out: str, panels=None) -> tuple[int, int]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("plot_logs", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser("plot_logs", description=__doc__.split("\n\n")[0])
     parser.add_argument("logs", nargs="+", help="log.txt files (JSON lines)")
     parser.add_argument("-o", "--out", default="curves.png", help="output PNG")
     parser.add_argument(

@@ -16,12 +16,15 @@ import argparse
 import torch
 
 from models_checkpoint import model_from_checkpoint
+from models_preflight import check_model_channels, check_patch_grid
 from util.cli import add_reading_args, parse_model_kwargs, run_main
 from util.data.errors import DatasetError
 from util.data.evaluation import SPLITS, eval_dataset, inherit_data_args
 from util.distributed import default_device
 from util.errors import CheckpointError
 from util.features import channel_rows
+from util.flags import ArgumentParser, Limit
+from util.output_dir import check_output_file
 from util.vis import channel_labels, fixed_batch, mse_space, reconstruction_grid, save_png
 
 
@@ -36,7 +39,11 @@ def parse_rgb(value):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("MAE / ChannelMAE reconstructions", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(
+        "MAE / ChannelMAE reconstructions",
+        description=__doc__.split("\n\n")[0],
+        limits={"scale": Limit(1), "mask_ratio": Limit(0, 1, low_open=True, high_open=True)},
+    )
     parser.add_argument("--resume", required=True, help="checkpoint with a decoder (ours, published MAE, model folder)")
     parser.add_argument("--out", default="recon.png", help="output PNG")
     parser.add_argument("--n", default=8, type=int, help="number of samples")
@@ -81,9 +88,13 @@ def main(args):
     )
     if info["kind"] != "pretrain":
         raise CheckpointError(f"{args.resume} has no decoder; visualize.py needs a pretraining checkpoint")
+    if args.input_size:
+        check_patch_grid(args.input_size, model.patch_embed.patch_size[0], f"from {args.resume}")
     inherit_data_args(args, info["args"], model)
     mask_ratio = args.mask_ratio if args.mask_ratio is not None else info["args"].get("mask_ratio", 0.75)
+    check_output_file(args.out, "--out")
     dataset = eval_dataset(args, args.split, info["args"].get("normalization"))
+    check_model_channels(model, dataset, args.channels)
     imgs = fixed_batch(dataset, args.n, args.seed).to(args.device)
     channel_ids = torch.as_tensor(channel_rows([dataset], info, args.resume, model), device=args.device)
     names = channel_labels(dataset)

@@ -56,6 +56,7 @@ from util.data.builders import build_pretrain_dataset  # noqa: E402
 from util.data.evaluation import eval_dataset, inherit_data_args  # noqa: E402
 from util.data.readers import read_image  # noqa: E402
 from util.features import encode, knn_accuracy  # noqa: E402
+from util.flags import ArgumentParser  # noqa: E402
 from util.rng import seed_everything  # noqa: E402
 from util.vis import target_space_error, token_to_pixel_mask  # noqa: E402
 
@@ -71,7 +72,7 @@ METRIC_HEADERS = ("IHC held-out MSE", "IHC MSE w/o {}", "digits val MSE", "k-NN 
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Reconstruction and encoder quality: full vs cross decoder", description=__doc__)
+    parser = ArgumentParser("Reconstruction and encoder quality: full vs cross decoder", description=__doc__)
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="random | full | cross:R, 0 < R <= 1")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one full run per seed")
     parser.add_argument("--out_dir", default="quality_out", help="CSV indexes, checkpoints, logs")

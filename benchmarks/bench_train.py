@@ -46,6 +46,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 import models_chamae  # noqa: E402
 import models_mae  # noqa: E402
 import models_vit  # noqa: E402
+from util.fast_paths import adamw_kwargs, enable_fast_paths  # noqa: E402
+from util.flags import ArgumentParser  # noqa: E402
 
 RESULT_PREFIX = "BENCH_RESULT "
 MB = 2**20
@@ -87,7 +89,7 @@ VARIANT_KEYS = ("model", "input_size", "batch_size", "decoder", "decode_ratio", 
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("ChannelMAE training-step benchmark", add_help=True)
+    parser = ArgumentParser("ChannelMAE training-step benchmark", add_help=True)
     models = [*models_chamae.PRETRAIN_MODELS, *models_vit.FINETUNE_MODELS]
     parser.add_argument("--models", nargs="+", default=["chamae_vit_base_patch16"], choices=models, metavar="NAME")
     parser.add_argument("--channels", nargs="+", type=int, default=[3], help="C values (in_chans for mae_*/vit_*)")
@@ -97,6 +99,9 @@ def get_args_parser():
         "--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, else none"
     )
     parser.add_argument("--compile", action="store_true", help="time torch.compile(model)")
+    parser.add_argument(
+        "--no_fast_paths", action="store_true", help="CUDA: no TF32, cudnn.benchmark, fused AdamW (util.fast_paths)"
+    )
     parser.add_argument("--grad_checkpointing", action="store_true")
     parser.add_argument("--mask_ratio", type=float, default=0.75)
     parser.add_argument(
@@ -145,6 +150,7 @@ def expand_configs(args):
     common = dict(
         amp=amp,
         compile=args.compile,
+        fast_paths=not args.no_fast_paths,
         grad_checkpointing=args.grad_checkpointing,
         mask_ratio=args.mask_ratio,
         num_classes=args.num_classes,
@@ -273,7 +279,9 @@ class TrainingStep:
         self.channel_ids = torch.arange(C, device=device) if channel_model else None
         no_decay = () if self.pretrain else self.model.no_weight_decay()  # the rules of main_pretrain / main_finetune
         groups = timm.optim.param_groups_weight_decay(self.model, 0.05, no_decay)
-        self.optimizer = torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95))
+        enable_fast_paths(device, cfg["fast_paths"])
+        fused = adamw_kwargs(device, cfg["fast_paths"])
+        self.optimizer = torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95), **fused)
         self.amp_dtype = torch.float16 if cfg["amp"] == "fp16" else torch.bfloat16
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
         if cfg["grad_checkpointing"]:
@@ -608,7 +616,9 @@ def print_report(args, env, results, fits):
     print(
         f"# AMP {cfg['amp']}, compile {'on' if cfg['compile'] else 'off'}, grad checkpointing "
         f"{'on' if cfg['grad_checkpointing'] else 'off'}, mask ratio {cfg['mask_ratio']}, "
-        f"{cfg['steps']} timed steps after {cfg['warmup']} warm-up, AdamW"
+        f"{cfg['steps']} timed steps after {cfg['warmup']} warm-up, AdamW, fast paths "
+        f"{'on' if cfg['fast_paths'] and args.device.startswith('cuda') else 'off'} "
+        "(TF32, cudnn.benchmark, fused AdamW; CUDA only)"
     )
     print(
         f"# attention: timm use_fused_attn()={env['timm_use_fused_attn']}, fused SDPA modules {', '.join(fused)}, "

@@ -180,7 +180,7 @@ def test_log_reconstructions_writes_png_and_tensorboard_image(tmp_path):
     )
     assert path == str(tmp_path / "vis" / "epoch_007.png")
     png = np.asarray(Image.open(path))
-    assert writer.images == [("reconstruction", png.shape, 7, "HWC")]
+    assert writer.images == [("reconstruction", png.shape, 8000, "HWC")]  # x = 1000 x epochs done
     assert writer.scalars == [f"vis_masked_mse/{c}" for c in "RGBHED"]
 
 
@@ -373,5 +373,5 @@ def test_pretrain_vis_every(tmp_path, one_thread, monkeypatch):
     events = EventAccumulator(str(tmp_path / "vis"), size_guidance={"images": 0})
     events.Reload()
     images = events.Images("reconstruction")
-    assert [(e.step, e.width, e.height) for e in images] == [(0, width, height), (1, width, height)]
+    assert [(e.step, e.width, e.height) for e in images] == [(1000, width, height), (2000, width, height)]
     assert "vis_masked_mse/DAB" in events.Tags()["scalars"]

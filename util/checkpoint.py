@@ -9,6 +9,7 @@ import glob
 import os
 import re
 import shutil
+import zipfile
 
 import torch
 from timm.models import clean_state_dict
@@ -136,21 +137,51 @@ def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, extr
     return path
 
 
-def load_checkpoint(path: str, unsafe: bool = False) -> dict:
-    """Load a checkpoint onto the CPU; ``weights_only=True`` unless ``unsafe`` (full unpickling, trusted files).
+def not_a_checkpoint(path: str) -> str | None:
+    """Why the file ``path`` cannot be a ``torch.save`` file (None when it may be one): torch.save writes a zip
+    archive (a pickle starting with protocol byte 0x80 before torch 1.6); a truncated archive has no central
+    directory."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None  # torch.load names the problem
+    if zipfile.is_zipfile(path) or head.startswith(b"\x80"):
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text and all(c.isprintable() or c.isspace() for c in text):
+        return f"{path} is a text file, not a checkpoint (it starts with {text[:40]!r})"
+    if head.startswith(b"PK"):
+        return f"{path} is not a checkpoint: a truncated or corrupt zip archive (an interrupted download or copy?)"
+    return (
+        f"{path} is not a checkpoint: neither a zip archive (torch.save's format) nor a pickle; the file is corrupt, "
+        "truncated or of another kind"
+    )
+
+
+def load_checkpoint(path: str, unsafe: bool = False, mmap: bool = False) -> dict:
+    """Load a checkpoint onto the CPU; ``weights_only=True`` unless ``unsafe`` (full unpickling, trusted files);
+    ``mmap``: map the tensors instead of reading them (to look at keys and shapes only).
 
     ``argparse.Namespace`` is allowed as well: the published fine-tuned MAE checkpoints store their ``'args'`` as one
-    (it holds plain values only). Raises ``CheckpointError`` for a missing or unreadable file, and for one holding
-    pickled objects other than tensors and plain values (refused without ``unsafe``: unpickling them could run
-    arbitrary code). A directory is read as a model folder (``util.model_folder.read_model_folder``).
+    (it holds plain values only). Raises ``CheckpointError`` for a missing or unreadable file, one that is no
+    ``torch.save`` file (``not_a_checkpoint``), and one holding pickled objects other than tensors and plain values
+    (refused without ``unsafe``: unpickling them could run arbitrary code). A directory is read as a model folder
+    (``util.model_folder.read_model_folder``).
     """
     if is_model_folder(path):
         return read_model_folder(path)
+    problem = not_a_checkpoint(path)
+    if problem:
+        raise CheckpointError(problem)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=not unsafe)
+            return torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as err:
-        if not unsafe and "weights_only" in str(err):
+        if not unsafe and re.search(r"GLOBAL|Unsupported global", str(err)):
             found = re.search(r"GLOBAL ([\w.]+)", str(err))
             what = f" (it contains a pickled {found.group(1)})" if found else ""
             raise CheckpointError(
@@ -161,13 +192,13 @@ def load_checkpoint(path: str, unsafe: bool = False) -> dict:
         raise CheckpointError(f"cannot read the checkpoint {path}: {reason}") from err
 
 
-def read_checkpoint(path: str, unsafe: bool = False) -> tuple[dict, dict, dict]:
+def read_checkpoint(path: str, unsafe: bool = False, mmap: bool = False) -> tuple[dict, dict, dict]:
     """Read the checkpoint ``path``: ours, MAE's published ones, a bare state dict or a model folder.
 
     Returns (state dict without DDP / compile prefixes, recorded args ({} if absent; a Namespace becomes a dict),
     the whole checkpoint dict). Raises ``CheckpointError`` for a file that is no checkpoint.
     """
-    checkpoint = load_checkpoint(path, unsafe=unsafe)
+    checkpoint = load_checkpoint(path, unsafe=unsafe, mmap=mmap)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(checkpoint).__name__}, not a dict)")
     if "model" in checkpoint and isinstance(checkpoint["model"], dict):
@@ -292,5 +323,6 @@ def save_stopped(stop, args, epoch: int, model_without_ddp, optimizer, loss_scal
     (``PROGRESS_KEY``, read back by ``resume_progress``) and flush TensorBoard; ``run_main`` then exits."""
     extra = {**(extra or {}), PROGRESS_KEY: stop.progress}
     stop.checkpoint = save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, extra, tag="last")
+    stop.unsaved = not args.output_dir
     if log_writer is not None:
         log_writer.flush()

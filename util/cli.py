@@ -16,6 +16,8 @@ from util.amp import AMP_DTYPES, resolve_amp
 from util.checkpoint import args_to_dict
 from util.distributed import cleanup_distributed, default_device, get_rank, init_distributed_mode, is_main_process
 from util.errors import RunError
+from util.fast_paths import enable_fast_paths
+from util.loaders import default_num_workers
 from util.metric_log import NonFiniteLossError
 from util.output_dir import check_new_or_resumed, check_writable, lock_output_dir, release_output_dir
 from util.preemption import TrainingStopped, restore_stop_handlers
@@ -79,6 +81,13 @@ def add_reading_args(group):
         metavar="VALUE",
         help="replace NaN and infinite pixels by VALUE (raw units) when reading (default: such a file is an error)",
     )
+    group.add_argument(
+        "--metadata_columns",
+        default=None,
+        metavar="COLUMNS",
+        help="CSV columns that are per-sample metadata, not channels, e.g. 'plate,well' (always: Metadata_* "
+        "columns, and in a CSV with a 'path' column every column but path and label); kept in extracted features",
+    )
 
 
 def add_data_args(parser: argparse.ArgumentParser):
@@ -135,7 +144,12 @@ def add_runtime_args(parser: argparse.ArgumentParser):
     g.add_argument("--unsafe_load", action="store_true", help="torch.load with weights_only=False (trusted files)")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (set by --resume)")
     g.add_argument("--save_every", default=20, type=int, help="also keep checkpoint-<epoch>.pth every N epochs")
-    g.add_argument("--num_workers", default=min(10, os.cpu_count() or 1), type=int)
+    g.add_argument(
+        "--num_workers",
+        default=default_num_workers(),
+        type=int,
+        help="DataLoader workers per process (default: usable cores / processes per node - 1, at most 16)",
+    )
     g.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader (CUDA only)")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     parser.set_defaults(pin_mem=True)
@@ -154,6 +168,7 @@ def add_runtime_args(parser: argparse.ArgumentParser):
         help="autocast dtype (default: bf16/fp16 on CUDA, none on CPU)",
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--no_fast_paths", action="store_true", help="no TF32, cudnn.benchmark, fused AdamW on CUDA")
     g.add_argument("--grad_checkpointing", action="store_true", help="activation checkpointing in the blocks")
 
 
@@ -185,6 +200,7 @@ def setup_run(args) -> torch.device:
         args.log_dir = args.output_dir
     device = torch.device(args.device)
     args.amp = resolve_amp(args.amp, device)
+    enable_fast_paths(device, not getattr(args, "no_fast_paths", False))
     seed_everything(args.seed + get_rank())
     if is_main_process():
         for flag, path in (("--output_dir", args.output_dir), ("--log_dir", args.log_dir)):

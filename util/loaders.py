@@ -1,6 +1,14 @@
-"""Samplers and DataLoaders: (seed, epoch)-determined training order, sharded evaluation, mid-epoch starts."""
+"""Samplers and DataLoaders: (seed, epoch)-determined training order, sharded evaluation, mid-epoch starts.
+
+Loader defaults: ``--num_workers`` = the cores this process may use (its CPU affinity, which Slurm and taskset
+restrict) shared among the processes of the node (``LOCAL_WORLD_SIZE``), less one for the training loop, at most
+16; pinned memory on CUDA; torch's prefetch of 2 batches per worker (a batch of raw crop windows from
+``--gpu_augment`` can be large). Workers are not persistent: a new set each epoch takes the epoch's seed
+(``set_loader_epoch``), which persistent workers would not, so a resumed run would draw other crops.
+"""
 
 import itertools
+import os
 import signal
 
 import torch
@@ -9,6 +17,13 @@ from util.distributed import get_rank, get_world_size
 from util.errors import RunError
 from util.preemption import STOP_SIGNALS
 from util.rng import epoch_seed
+
+
+def default_num_workers() -> int:
+    """DataLoader workers per process: usable cores / processes on this node - 1, between 0 and 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(0, min(16, per_process - 1))
 
 
 class EpochSampler(torch.utils.data.DistributedSampler):
@@ -105,6 +120,7 @@ def _loader(dataset, sampler, args, drop_last: bool, generator: torch.Generator)
         num_workers=args.num_workers,
         pin_memory=args.pin_mem and str(args.device).startswith("cuda"),
         generator=generator,
+        collate_fn=getattr(dataset, "collate_fn", None),
         worker_init_fn=_worker_ignores_stop_signals,
     )
 

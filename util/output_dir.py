@@ -23,6 +23,15 @@ def check_writable(path: str, flag: str = "--output_dir"):
         raise OutputError(f"{flag} {path} is not a writable directory: {err}") from err
 
 
+def check_output_file(path: str, flag: str):
+    """Before the work that produces it: the folder of the output file ``path`` is (made) a writable directory;
+    ``OutputError`` naming the flag and the file otherwise."""
+    try:
+        check_writable(os.path.dirname(os.path.abspath(path)), flag)
+    except OutputError as err:
+        raise OutputError(f"{flag} {path} cannot be written: {err.__cause__}") from err
+
+
 LOCK_FILENAME = ".run.lock"
 """The file in ``--output_dir`` that the run owning the directory holds locked; it names that run's PID and host."""
 

@@ -34,6 +34,7 @@ class TrainingStopped(Exception):
         self.signum, self.epoch, self.step = signum, epoch, step
         self.meters, self.batch_size = meters or {}, batch_size
         self.checkpoint = None
+        self.unsaved = False  # set when the run has no --output_dir: nothing was saved
 
     @property
     def exit_code(self) -> int:
@@ -48,6 +49,8 @@ class TrainingStopped(Exception):
     def __str__(self):
         name = signal.Signals(self.signum).name
         where = f"at epoch {self.epoch}, step {self.step} (mid-epoch)" if self.step else f"after epoch {self.epoch}"
+        if self.unsaved:
+            return f"Stopped by {name} {where}; nothing was saved (--output_dir is ''), so the run cannot continue."
         saved = f"saved {self.checkpoint}" if self.checkpoint else "rank 0 saved the checkpoint"
         return f"Stopped by {name} {where}; {saved}. Continue with --auto_resume (or --resume <checkpoint>)."
 
@@ -130,6 +133,7 @@ def stop_after_epoch(args, epoch: int, checkpoint: str | None):
     if signum and epoch + 1 < args.epochs:
         stop = TrainingStopped(signum, epoch)
         stop.checkpoint = checkpoint
+        stop.unsaved = not args.output_dir
         raise stop
 
 

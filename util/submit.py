@@ -6,7 +6,8 @@ picks rank, world size and the rendezvous address up from the Slurm environment.
 
 Paths: ``--job_dir`` (default ``./job_dir/%j``) holds submitit's files and the task logs; ``--output_dir`` and
 ``--log_dir`` default to it. ``%j`` in any of the three becomes the Slurm job id inside the job, which stays the
-same when Slurm requeues a job, so a requeued job finds its own checkpoints.
+same when Slurm requeues a job, so a requeued job finds its own checkpoints. Under ``--cluster local`` it becomes
+``local-<date>-<time>-<submitting PID>`` at submission.
 
 Requeue: on the pre-timeout/preemption signal (SIGUSR2, ``--signal_delay_s`` before the time limit) submitit
 calls ``Trainer.checkpoint``, which returns a fresh ``Trainer`` whose args resume from the newest checkpoint in
@@ -20,12 +21,14 @@ import copy
 import importlib
 import os
 import shlex
+import time
 
 import submitit
 import torch
 
 from util.checkpoint import find_latest_checkpoint
 from util.cli import end_loader_workers
+from util.flags import ArgumentParser
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB_PATH_ARGS = ("job_dir", "output_dir", "log_dir")
@@ -62,7 +65,7 @@ def get_submit_parser() -> argparse.ArgumentParser:
 
 def parse_args(main_parser: argparse.ArgumentParser, description: str, argv=None) -> argparse.Namespace:
     """Parse the flags of a main_* script plus the Slurm flags; ``--output_dir`` defaults to ``--job_dir``."""
-    parser = argparse.ArgumentParser(description, parents=[main_parser, get_submit_parser()])
+    parser = ArgumentParser(description, parents=[main_parser, get_submit_parser()])
     parser.set_defaults(output_dir=None)
     return parser.parse_args(argv)
 
@@ -168,7 +171,12 @@ def submit(main_module: str, args: argparse.Namespace) -> submitit.Job:
     # the submitting machine may have no GPU, so the parser's default device says nothing about the nodes
     args.device = "cuda" if args.ngpus > 0 else "cpu"
     args.dist_url = "env://"
-    executor = make_executor(args, job_name=main_module.replace("main_", "channelmae_"))
+    job_name = main_module.replace("main_", "channelmae_")
+    executor = make_executor(args, job_name)
+    if executor.cluster == "local" and "%j" in args.job_dir:
+        # submitit's local controller creates the job folder before the job id (its PID) exists, as a literal '%j'
+        args = resolve_job_paths(args, f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        executor = make_executor(args, job_name)
     job = executor.submit(Trainer(main_module, args))
     folder = args.job_dir.replace("%j", str(job.job_id))
     print(f"Submitted job {job.job_id} ({executor.cluster}); logs in {folder}")

@@ -92,6 +92,7 @@ def train_epoch(state: TrainState, data_loader, epoch: int, batch_loss: BatchLos
     num_steps = start_step + len(data_loader)
     tracker = LossTracker(state.device, epoch, getattr(data_loader.dataset, "source_names", None))
     lr = optimizer.param_groups[0]["lr"]
+    device_augment = getattr(data_loader.dataset, "device_augment", None)  # --gpu_augment (util.data.device_augment)
 
     optimizer.zero_grad(set_to_none=True)
     batches = metric_logger.log_every(data_loader, args.print_freq, f"Epoch: [{epoch}]")
@@ -99,6 +100,7 @@ def train_epoch(state: TrainState, data_loader, epoch: int, batch_loss: BatchLos
         if step % args.accum_iter == 0:
             lr = lr_sched.adjust_learning_rate(optimizer, epoch + step / num_steps, args)
         samples, targets, channel_ids, source = unpack_batch(batch, state)
+        samples = device_augment(samples) if device_augment is not None else samples
         update = (step + 1) % args.accum_iter == 0
         with maybe_no_sync(model, not update):
             loss = batch_loss(samples, targets, channel_ids)
@@ -197,11 +199,13 @@ def fit(
 
 
 def log_epoch(state: TrainState, epoch: int, train_stats: dict, test_stats: dict, dataset=None):
-    """The test scalars to TensorBoard (x = epoch) and one ``log.txt`` line for ``epoch``."""
+    """The test scalars to TensorBoard and one ``log.txt`` line for ``epoch``. TensorBoard's x axis is 1000 x the
+    epochs done for every scalar (``util.metric_log.log_train_step``), so the test scalars of ``epoch`` sit at
+    1000 x (epoch + 1), where its last training scalars are."""
     if state.log_writer is not None:
         for key in ("acc1", "acc5", "loss"):
             if key in test_stats:
-                state.log_writer.add_scalar(f"test_{key}", test_stats[key], epoch)
+                state.log_writer.add_scalar(f"test_{key}", test_stats[key], (epoch + 1) * 1000)
     log_stats = {
         **{f"train_{k}": v for k, v in train_stats.items()},
         **{f"test_{k}": v for k, v in test_stats.items()},

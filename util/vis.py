@@ -331,10 +331,11 @@ def log_reconstructions(model, imgs, channel_ids, args, epoch, log_writer=None, 
         model, imgs, channel_ids, args.mask_ratio, seed=getattr(args, "seed", 0), channel_names=channel_names
     )
     if log_writer is not None:
-        log_writer.add_image("reconstruction", grid, epoch, dataformats="HWC")
+        step = (epoch + 1) * 1000  # TensorBoard's x axis: 1000 x the epochs done (util.metric_log.log_train_step)
+        log_writer.add_image("reconstruction", grid, step, dataformats="HWC")
         names = channel_names or [f"ch{c}" for c in range(len(channel_mse))]
         for name, mse in zip(names, channel_mse):
-            log_writer.add_scalar(f"vis_masked_mse/{name}", mse, epoch)
+            log_writer.add_scalar(f"vis_masked_mse/{name}", mse, step)
     if not getattr(args, "output_dir", ""):
         return None
     path = os.path.join(args.output_dir, "vis", f"epoch_{epoch:03d}.png")

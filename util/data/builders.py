@@ -6,6 +6,7 @@ from util.data.channels import CHANNEL_NAMES_FILENAME, read_channel_names, selec
 from util.data.config import DataConfig
 from util.data.dataset import MultiChannelDataset
 from util.data.layouts import labelled_split, resolve_data_path, stats_folder, unlabelled_samples
+from util.data.metadata import kept_metadata
 from util.data.stats import estimate_mean_std, is_rgb, recorded_mean_std, resolve_mean_std
 from util.data.transforms import build_transform
 from util.data.validate import validate_samples
@@ -13,11 +14,15 @@ from util.data.validate import validate_samples
 logger = logging.getLogger(__name__)
 
 
-def _build(samples, classes, csv_names, path, config, *, train, pretrain, stats_samples, checkpoint_stats=None):
+def _build(
+    samples, classes, csv_names, path, config, *, train, pretrain, stats_samples, checkpoint_stats=None, metadata=None
+):
     """Validate samples and attach channel selection, normalisation and transform; stats_samples feed estimates.
 
-    The dataset also carries its normalisation: ``mean``, ``std`` (raw units, per channel read) and ``norm_source``.
+    The dataset also carries its normalisation: ``mean``, ``std`` (raw units, per channel read) and ``norm_source``,
+    and the CSV metadata of its samples (``metadata``, ``util.data.metadata``).
     """
+    listed = samples
     stats_dir = stats_folder(path)
     num_listed = len(samples)
     split = "" if pretrain else f" ({'train' if train else 'val'} split)"
@@ -53,6 +58,7 @@ def _build(samples, classes, csv_names, path, config, *, train, pretrain, stats_
     )
     dataset.num_dropped = num_listed - len(samples)
     dataset.mean, dataset.std, dataset.norm_source = mean, std, source
+    dataset.metadata = kept_metadata(listed, samples, metadata or {})
     return dataset
 
 
@@ -62,10 +68,11 @@ def build_dataset(is_train, args, checkpoint_stats=None):
     checkpoint the run starts from, if any."""
     config = DataConfig.from_args(args)
     root = resolve_data_path(config)
-    train_samples, classes, names = labelled_split(root, "train", None)
-    samples = train_samples if is_train else labelled_split(root, "val", classes)[0]
+    train_samples, classes, names, metadata = labelled_split(root, "train", None, config.metadata_columns)
+    if not is_train:
+        samples, _, _, metadata = labelled_split(root, "val", classes, config.metadata_columns)
     return _build(
-        samples,
+        train_samples if is_train else samples,
         classes,
         names,
         root,
@@ -74,6 +81,7 @@ def build_dataset(is_train, args, checkpoint_stats=None):
         pretrain=False,
         stats_samples=train_samples,
         checkpoint_stats=checkpoint_stats,
+        metadata=metadata,
     )
 
 
@@ -82,7 +90,7 @@ def build_pretrain_dataset(args, checkpoint_stats=None):
     namespace or a ``DataConfig``."""
     config = DataConfig.from_args(args)
     path = resolve_data_path(config)
-    samples, names = unlabelled_samples(path)
+    samples, names, metadata = unlabelled_samples(path, config.metadata_columns)
     return _build(
         samples,
         [],
@@ -93,4 +101,5 @@ def build_pretrain_dataset(args, checkpoint_stats=None):
         pretrain=True,
         stats_samples=None,
         checkpoint_stats=checkpoint_stats,
+        metadata=metadata,
     )

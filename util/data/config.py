@@ -27,6 +27,7 @@ class DataConfig:
     skip_bad_samples: bool = False
     channel_axis: str | None = None
     nan_fill: float | None = None
+    metadata_columns: str | list | None = None
     aa: str | None = None
     color_jitter: float | None = None
     reprob: float = 0.0

@@ -60,6 +60,7 @@ class MultiChannelDataset(torch.utils.data.Dataset):
         self.nan_fill = nan_fill
         self.mean = self.std = self.norm_source = None  # set by the builders (util.data.builders)
         self.num_dropped = 0  # samples left out at build time by skip_bad_samples (set by _build)
+        self.metadata = {}  # CSV metadata columns: {column: [value per sample]} (util.data.metadata; set by _build)
         self._num_skipped = multiprocessing.Value("q", 0)  # shared with the DataLoader workers
 
     @property
@@ -112,7 +113,13 @@ class MultiChannelDataset(torch.utils.data.Dataset):
 
 
 def build_raw_dataset(
-    data_path, skip_bad_samples=False, allow_mixed_sizes=False, channel_axis=None, nan_fill=None, channel_names=None
+    data_path,
+    skip_bad_samples=False,
+    allow_mixed_sizes=False,
+    channel_axis=None,
+    nan_fill=None,
+    metadata_columns=None,
+    channel_names=None,
 ):
     """All channels of the pretraining samples of data_path, untransformed (for statistics)."""
     config = DataConfig(
@@ -122,9 +129,10 @@ def build_raw_dataset(
         allow_mixed_sizes=allow_mixed_sizes,
         channel_axis=channel_axis,
         nan_fill=nan_fill,
+        metadata_columns=metadata_columns,
     )
     path = resolve_data_path(config)
-    samples, names = unlabelled_samples(path)
+    samples, names, _ = unlabelled_samples(path, config.metadata_columns)
     samples, shape, dtypes = validate_samples(samples, config, f"--data_path {path}")
     names = read_channel_names(stats_folder(path), names, shape[0], config.channel_names)
     return MultiChannelDataset(

@@ -8,7 +8,17 @@ from util.data.builders import build_dataset, build_pretrain_dataset
 from util.data.transforms import build_transform
 from util.errors import RunError
 
-DATA_FLAGS = ("data_path", "channels", "channel_names", "mean", "std", "channel_stats", "channel_axis", "nan_fill")
+DATA_FLAGS = (
+    "data_path",
+    "channels",
+    "channel_names",
+    "mean",
+    "std",
+    "channel_stats",
+    "channel_axis",
+    "nan_fill",
+    "metadata_columns",
+)
 """Data flags that default to the values the checkpoint was trained with."""
 
 SPLITS = ("pretrain", "train", "val")

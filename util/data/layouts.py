@@ -4,11 +4,15 @@ Dataset layouts (``--data_path``)
     * class folders ``root/{train,val}/<class>/<image>``;
     * a CSV index ``root/{train,val}.csv`` (for pretraining also any ``file.csv``) with either a ``path``
       column (one file per sample) or one column per channel (one single-channel file per channel, as in
-      cell painting; every column other than ``label`` is a channel). ``label`` holds class names and may be
-      empty; relative paths resolve against the CSV's folder;
-    * unlabelled, pretraining only: every image under ``root/train`` if that folder exists, else under ``root``.
+      cell painting; every column other than ``label`` and the metadata columns is a channel). ``label`` holds
+      class names, on every row of a labelled split (empty only in the pretraining layout, which is unlabelled);
+      metadata columns (``util.data.metadata``: ``Metadata_*`` or ``--metadata_columns``) are kept per sample;
+      relative paths resolve against the CSV's folder; a row must have as many fields as the header;
+    * unlabelled, pretraining only: every image under ``root/train`` if that folder exists, else under ``root``;
+    * a packed store written by ``pack_dataset.py`` (``util.data.packed``): its train (and val) split.
 
-A sample is ``(files, label)``: files is one path, or a list of one single-channel path per channel.
+A sample is ``(files, label)``: files is one path, or a list of one single-channel path per channel. The readers
+return the samples with their CSV metadata, {column: [value per sample]} ({} without a CSV).
 
 Folders are scanned recursively, following directory links, but each real directory once: a link loop or
 a second link to a folder adds no samples.
@@ -21,6 +25,8 @@ from pathlib import Path
 
 from util.data.config import DataConfig
 from util.data.errors import DatasetError, MissingPathError
+from util.data.metadata import metadata_columns
+from util.data.packed import is_packed_store, packed_samples
 from util.data.readers import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -73,18 +79,41 @@ def _class_folder_split(split_dir, classes):
     return samples, classes
 
 
-def _csv_file(csv_path, line, row, column):
+def _csv_file(csv_path, line, row, column, per_file):
     value = (row.get(column) or "").strip()
     if not value:
         raise DatasetError(f"{csv_path} line {line}: column '{column}' is empty")
     path = csv_path.parent / value
     if not path.is_file():
-        raise MissingPathError(f"{csv_path} line {line}: column '{column}' names {path}, which does not exist")
+        hint = (
+            ""
+            if per_file
+            else (
+                f"; if '{column}' is not a channel, declare it with --metadata_columns {column} (or name the column "
+                f"Metadata_{column})"
+            )
+        )
+        raise MissingPathError(f"{csv_path} line {line}: column '{column}' names {path}, which does not exist{hint}")
     return str(path)
 
 
-def _read_csv(csv_path, classes=None):
-    """Samples, class names and channel names (per-channel layout, else None) of a CSV index."""
+def _check_row(csv_path, line, row, fieldnames, labelled):
+    """A row has one field per header column and, in a labelled split, a label."""
+    if None in row:
+        raise DatasetError(
+            f"{csv_path} line {line}: {len(fieldnames) + len(row[None])} fields but the header has "
+            f"{len(fieldnames)} ({','.join(fieldnames)}); quote a value that holds a comma"
+        )
+    if labelled and not (row.get("label") or "").strip():
+        raise DatasetError(
+            f"{csv_path} line {line}: empty label; every row of a labelled split needs one (unlabelled data go in "
+            "the pretraining layout, e.g. extract_features.py --split pretrain)"
+        )
+
+
+def _read_csv(csv_path, classes=None, labelled=False, declared_metadata=None):
+    """Samples, class names, channel names (per-channel layout, else None) and metadata {column: [value per
+    sample]} of a CSV index; ``labelled``: every row needs a label."""
     if not csv_path.is_file():
         raise MissingPathError(f"CSV index {csv_path} does not exist")
     with open(csv_path, newline="") as f:
@@ -93,13 +122,19 @@ def _read_csv(csv_path, classes=None):
             raise DatasetError(f"{csv_path} is empty; expected a header 'path,label' or 'ch0,ch1,...,label'")
         reader.fieldnames = [name.strip() for name in reader.fieldnames]
         per_file = "path" in reader.fieldnames
-        columns = ["path"] if per_file else [c for c in reader.fieldnames if c != "label"]
+        meta = metadata_columns(csv_path, reader.fieldnames, declared_metadata, per_file)
+        columns = ["path"] if per_file else [c for c in reader.fieldnames if c != "label" and c not in meta]
         if not columns:
             raise DatasetError(f"{csv_path} has no path column; expected 'path,label' or 'ch0,ch1,...,label'")
-        rows = []
+        if labelled and "label" not in reader.fieldnames:
+            raise DatasetError(f"{csv_path} has no 'label' column, which a labelled split needs")
+        rows, metadata = [], {column: [] for column in meta}
         for row in reader:
-            files = [_csv_file(csv_path, reader.line_num, row, c) for c in columns]
+            _check_row(csv_path, reader.line_num, row, reader.fieldnames, labelled)
+            files = [_csv_file(csv_path, reader.line_num, row, c, per_file) for c in columns]
             rows.append((files[0] if per_file else files, (row.get("label") or "").strip(), reader.line_num))
+            for column in meta:
+                metadata[column].append((row.get(column) or "").strip())
     if not rows:
         raise DatasetError(f"{csv_path} lists no samples")
     classes = _sorted_names({label for _, label, _ in rows if label}) if classes is None else classes
@@ -109,29 +144,34 @@ def _read_csv(csv_path, classes=None):
         line, label = unknown[0]
         raise DatasetError(f"{csv_path} line {line}: label {label!r} is not one of the train split's classes")
     samples = [(files, index[label] if label else -1) for files, label, _ in rows]
-    return samples, classes, None if per_file else columns
+    return samples, classes, None if per_file else columns, metadata
 
 
-def labelled_split(root, split, classes):
-    """(samples, classes, csv channel names) of root/<split>.csv or root/<split>/<class>/."""
+def labelled_split(root, split, classes, declared_metadata=None):
+    """(samples, classes, csv channel names, metadata) of root/<split>.csv, root/<split>/<class>/ or a packed
+    store."""
+    if is_packed_store(root):
+        return (*packed_samples(root, split, classes), None, {})
     csv_path = root / f"{split}.csv"
     if csv_path.is_file():
-        return _read_csv(csv_path, classes)
+        return _read_csv(csv_path, classes, labelled=True, declared_metadata=declared_metadata)
     if (root / split).is_dir():
-        return (*_class_folder_split(root / split, classes), None)
+        return (*_class_folder_split(root / split, classes), None, {})
     raise MissingPathError(f"--data_path {root}: found neither class folders {root / split}/ nor an index {csv_path}")
 
 
-def unlabelled_samples(path):
-    """(samples with label -1, csv channel names) for pretraining."""
+def unlabelled_samples(path, declared_metadata=None):
+    """(samples with label -1, csv channel names, metadata) for pretraining."""
+    if is_packed_store(path):
+        return [(ref, -1) for ref, _ in packed_samples(path, "train")[0]], None, {}
     if path.is_file() and path.suffix.lower() != ".csv":
         raise DatasetError(f"--data_path {path} is a file but not a .csv index")
     csv_path = path if path.is_file() else path / "train.csv"
     if csv_path.is_file():
-        samples, _, names = _read_csv(csv_path)
-        return [(files, -1) for files, _ in samples], names
+        samples, _, names, metadata = _read_csv(csv_path, declared_metadata=declared_metadata)
+        return [(files, -1) for files, _ in samples], names, metadata
     folder = path / "train" if (path / "train").is_dir() else path
-    return [(file, -1) for file in _scan(folder)], None
+    return [(file, -1) for file in _scan(folder)], None, {}
 
 
 def resolve_data_path(config: DataConfig) -> Path:

@@ -33,6 +33,7 @@ import tifffile
 from PIL import Image
 
 from util.data.errors import CorruptFileError, DatasetError, MissingPathError, NonFinitePixelsError
+from util.data.packed import PackedRef, packed_shape, read_packed
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -146,7 +147,10 @@ def _read_pil(path):
 
 def read_array(path, channel_axis=None):
     """Raw pixels of one file as a (C, H, W) array in the file's own dtype; ``channel_axis`` ('first', 'last' or
-    None: the layout rule) says how to read a 3-D TIFF or NPY array."""
+    None: the layout rule) says how to read a 3-D TIFF or NPY array. A packed sample (``PackedRef``) is a
+    memory-mapped view: only the bytes that are sliced or copied out of it are read."""
+    if isinstance(path, PackedRef):
+        return read_packed(path)
     suffix = _suffix(path)
     try:
         if suffix in TIFF_SUFFIXES:
@@ -242,6 +246,8 @@ def _pil_header(path):
 
 def read_header(path, channel_axis=None):
     """Header (shape (C, H, W), dtype) of one file, without decoding pixels; checks truncation."""
+    if isinstance(path, PackedRef):
+        return Header(*packed_shape(path))
     suffix = _suffix(path)
     if not os.path.isfile(path):
         raise MissingPathError(f"{path} does not exist")

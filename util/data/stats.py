@@ -15,7 +15,6 @@ Normalisation, per channel and in raw pixel units; the first that applies wins
     The dataset keeps the values and their source (``mean``, ``std``, ``norm_source``).
 """
 
-import argparse
 import json
 import logging
 import math
@@ -31,6 +30,8 @@ from util.data.dataset import MultiChannelDataset, build_raw_dataset
 from util.data.errors import CorruptFileError, DatasetError, MissingPathError, NonFinitePixelsError
 from util.data.layouts import stats_folder
 from util.data.readers import NAN_HINT, PIL_SUFFIXES
+from util.flags import ArgumentParser
+from util.output_dir import check_output_file
 
 logger = logging.getLogger(__name__)
 
@@ -328,7 +329,10 @@ def resolve_mean_std(
 
 
 def write_channel_stats(data_path, out=None, max_samples=None, **kwargs):
-    """Compute per-channel statistics of data_path's pretraining samples and write them as JSON; return them."""
+    """Compute per-channel statistics of data_path's pretraining samples and write them as JSON; return them. An
+    ``out`` whose folder cannot be written is refused before the pass."""
+    if out:
+        check_output_file(str(out), "--out")
     dataset = build_raw_dataset(data_path, **kwargs)
     stats = compute_channel_stats(dataset, max_samples)
     stats = {"channels": dataset.channel_names, **stats, "dtypes": sorted(dataset.dtypes)}
@@ -347,6 +351,7 @@ def _stats_command(args):
         channel_axis=args.channel_axis,
         nan_fill=args.nan_fill,
         channel_names=args.channel_names,
+        metadata_columns=args.metadata_columns,
     )
     print(f"{len(result['channels'])} channels, {result['num_samples']} samples")
     for name, mean, std in zip(result["channels"], result["mean"], result["std"]):
@@ -354,7 +359,7 @@ def _stats_command(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m util.data.stats", description="Per-channel mean/std/percentiles in one streaming pass."
     )
     parser.add_argument(
