@@ -100,7 +100,7 @@ def channel_vocabulary(args, datasets, vocabulary=None, resumed=False) -> list[s
     if args.model.startswith("vit_"):
         if args.new_channels:
             raise RunError(f"--new_channels needs a channelvit_* model; {args.model} has no channel embedding")
-        check_fixed_order(datasets[0].read_names, vocabulary, args.model, source)
+        check_fixed_order(datasets[0], vocabulary, args.model, source)
         return datasets[0].read_names
     if vocabulary is None:
         return assign_vocabulary(datasets, union_vocabulary(datasets[:1]), by_position=False)

@@ -22,7 +22,7 @@ def channel_rows(datasets, info: dict, source: str, model) -> list[int]:
     if is_channel_model(model):
         assign_vocabulary(datasets, info["vocabulary"], source=source)
         return datasets[0].embed_ids
-    check_fixed_order(datasets[0].read_names, info["vocabulary"], info["name"], source)
+    check_fixed_order(datasets[0], info["vocabulary"], info["name"], source)
     return datasets[0].channel_ids
 
 

@@ -130,10 +130,13 @@ def union_vocabulary(datasets, given=None) -> list[str]:
     return names
 
 
-def check_fixed_order(read_names, vocabulary, model: str, source: str):
+def check_fixed_order(dataset, vocabulary, model: str, source: str):
     """A whole-patch model (MAE / ViT) takes its planes in one fixed order: with a vocabulary that names real
-    channels, the data must read exactly those, in that order (``DatasetError`` naming the ``--channels`` to pass)."""
-    if vocabulary and not is_positional(vocabulary) and list(read_names) != list(vocabulary):
+    channels, data that name theirs must read exactly those, in that order (``DatasetError`` naming the
+    ``--channels`` to pass); unnamed data take the planes as they come."""
+    read_names = dataset.read_names
+    named = not is_positional(dataset.channel_names)
+    if named and vocabulary and not is_positional(vocabulary) and list(read_names) != list(vocabulary):
         raise DatasetError(
             f"{model} takes its input planes in a fixed order: {source} was trained on channels "
             f"{','.join(vocabulary)}, the data read {','.join(read_names)}; pass --channels {','.join(vocabulary)}"
