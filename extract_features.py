@@ -53,7 +53,15 @@ from util.distributed import (
     is_main_process,
 )
 from util.errors import RunError
-from util.features import encode, group_means, is_channel_model, knn_accuracy, merge_shards, open_array
+from util.features import (
+    channel_rows,
+    encode,
+    group_means,
+    is_channel_model,
+    knn_accuracy,
+    merge_shards,
+    open_array,
+)
 from util.flags import ArgumentParser, regex
 from util.loaders import ShardSampler
 from util.output_dir import check_output_file
@@ -106,7 +114,9 @@ def get_args_parser():
         choices=[*SPLITS, "trainval"],
         help="default: trainval with --knn_k, else pretrain (the pretraining layout, labels -1)",
     )
-    g.add_argument("--channels", default=None, help="channel ids to read, e.g. '0,2,4'")
+    g.add_argument(
+        "--channels", default=None, help="channels to read by name or file position, e.g. 'DNA,Mito' or '0,2,4'"
+    )
     g.add_argument("--mean", default=None, type=float, nargs="+")
     g.add_argument("--std", default=None, type=float, nargs="+")
     g.add_argument("--channel_stats", default=None)
@@ -240,7 +250,8 @@ def main(args):
         check_patch_grid(args.input_size, model.patch_embed.patch_size[0], f"from {args.resume}")
     inherit_data_args(args, info["args"], model)
     check_output_file(args.out, "--out")
-    datasets = [eval_dataset(args, s) for s in (("train", "val") if split == "trainval" else (split,))]
+    stats = info["args"].get("normalization")
+    datasets = [eval_dataset(args, s, stats) for s in (("train", "val") if split == "trainval" else (split,))]
     for d in datasets:
         d.skip_bad_samples = False  # each row must be the features of its path
         if not (args.raw_pixels or (args.bag_of_channels and input_planes(model) == 1)):
@@ -248,7 +259,7 @@ def main(args):
     if args.group_regex:
         check_group_regex(args.group_regex, [sample_path(files) for d in datasets for files, _ in d.samples])
     dataset = torch.utils.data.ConcatDataset(datasets)
-    channel_ids = torch.as_tensor(datasets[0].channel_ids, device=device)
+    channel_ids = torch.as_tensor(channel_rows(datasets, info, args.resume, model), device=device)
     args.vocabulary = vocabulary_size(model, datasets[0])
     metadata = concat_metadata(datasets)
     columns = path_metadata(patterns, [sample_path(files) for d in datasets for files, _ in d.samples])
@@ -281,14 +292,13 @@ def main(args):
     labels = np.asarray([label for _, label in samples], dtype=np.int64)
     paths = np.asarray([sample_path(files) for files, _ in samples])
     split_names = np.repeat(["train", "val"] if split == "trainval" else [split], [len(d) for d in datasets])
-    channel_names = datasets[0].channel_names or []
     arrays.update(
         labels=labels,
         paths=paths,
         split=split_names,
         classes=np.asarray(datasets[0].classes, dtype=str),
-        channel_ids=np.asarray(datasets[0].channel_ids, dtype=np.int64),
-        channel_names=np.asarray([channel_names[c] for c in datasets[0].channel_ids] if channel_names else [], str),
+        channel_ids=np.asarray(channel_ids.tolist(), dtype=np.int64),
+        channel_names=np.asarray(datasets[0].read_names, str),
         model=np.asarray(info["name"]),
         pool=np.asarray(args.pool),
         checkpoint=np.asarray(os.path.abspath(args.resume)),

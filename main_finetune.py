@@ -80,7 +80,7 @@ def main(args):
     checkpoints = resolve_checkpoint_flags(args)
     device = setup_run(args)
     print("\n".join(checkpoints.sources))
-    data = build_data(args, device, checkpoints.stats)
+    data = build_data(args, device, checkpoints.stats, checkpoints.vocabulary, checkpoints.resumed)
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
@@ -97,7 +97,12 @@ def main(args):
         )
 
     model = build_classifier(
-        args, data[0], checkpoints.reference, drop_path_rate=args.drop_path, global_pool=args.global_pool
+        args,
+        data[0].in_chans,
+        len(args.vocabulary["channel_names"]),
+        checkpoints.reference,
+        drop_path_rate=args.drop_path,
+        global_pool=args.global_pool,
     )
     if checkpoints.pretrained is not None:
         load_pretrained(model, checkpoints.pretrained, args.finetune)

@@ -110,9 +110,10 @@ def main(args):
             "WARNING: --hcs in linear probing: ChannelViT's authors advise against it; train the probe on all "
             "channels and evaluate channel subsets with --eval --channels"
         )
-    data = build_data(args, device, checkpoints.stats)
+    data = build_data(args, device, checkpoints.stats, checkpoints.vocabulary, checkpoints.resumed)
 
-    model = build_classifier(args, data[0], checkpoints.reference, global_pool=args.global_pool)
+    num_channels = len(args.vocabulary["channel_names"])
+    model = build_classifier(args, data[0].in_chans, num_channels, checkpoints.reference, global_pool=args.global_pool)
     if checkpoints.pretrained is not None:
         load_pretrained(model, checkpoints.pretrained, args.finetune)
     trunc_normal_(model.head.weight, std=0.01)

@@ -15,6 +15,7 @@ from models_checkpoint import build_pretrain_model
 from models_preflight import check_patch_grid, check_pretrain_resume, model_patch_size
 from util.amp import NativeScaler
 from util.bag_of_channels import SingleChannelDataset
+from util.checkpoint import checkpoint_channel_names, load_checkpoint, resolve_resume
 from util.cli import (
     add_common_args,
     describe_dataset,
@@ -22,11 +23,12 @@ from util.cli import (
     run_main,
     setup_run,
 )
-from util.data.builders import build_pretrain_dataset
 from util.data.device_augment import add_gpu_augment_arg, training_items
 from util.data.errors import DatasetError
+from util.data.sources import MixedDataset, build_pretrain_sources, names_record
 from util.data.stats import normalization_record
-from util.distributed import is_main_process, wrap_model
+from util.data.vocabulary import assign_vocabulary, is_positional, union_vocabulary, vocabulary_record
+from util.distributed import get_rank, is_main_process, wrap_model
 from util.errors import RunError
 from util.fast_paths import adamw_kwargs
 from util.flags import ArgumentParser
@@ -84,6 +86,13 @@ def get_args_parser():
     g.add_argument("--clip_grad", default=None, type=float, metavar="NORM", help="clip the gradient norm")
 
     add_common_args(parser)
+    parser.add_argument(
+        "--channel_vocabulary",
+        default=None,
+        metavar="A,B,C",
+        help="the names of the model's channel-embedding rows, in row order (default: the checkpoint resumed from, "
+        "the data-mix file's, else the union of the sources' channel names in order of appearance)",
+    )
     add_gpu_augment_arg(parser)
     parser.set_defaults(data_path=os.path.join(REPO_DIR, "sample_data", "ihc"), input_size=64)
     return parser
@@ -114,12 +123,44 @@ def check_flags(args):
     check_patch_grid(args.input_size, args.patch_size, source)
 
 
-def check_channels(args, dataset):
-    """``--mask_mode channel`` hides whole channels: with one channel it would silently mask tokens instead."""
-    if args.mask_mode == "channel" and dataset.in_chans < 2:
+def check_channels(args, datasets, sources):
+    """``--mask_mode channel`` hides whole channels: with one channel it would silently mask tokens instead. An
+    MAE model (one token of all planes) needs one channel set: sources whose channels differ need a ChannelMAE."""
+    for dataset, source in zip(datasets, sources):
+        if args.mask_mode == "channel" and dataset.in_chans < 2:
+            raise RunError(
+                f"--mask_mode channel needs at least 2 channels; the data have {dataset.in_chans} ({source.path})"
+            )
+    if args.bag_of_channels and len(datasets) > 1:
+        raise RunError(f"--bag_of_channels draws channels from one source; --data_path gives {len(datasets)}")
+    sets = {tuple(d.read_names) for d in datasets}
+    if len(sets) > 1 and args.model.startswith("mae_"):
+        listed = "; ".join(f"{s.name}: {','.join(d.read_names)}" for s, d in zip(sources, datasets))
         raise RunError(
-            f"--mask_mode channel needs at least 2 channels; the data have {dataset.in_chans} ({args.data_path})"
+            f"{args.model} takes one fixed channel set, but the sources' channels differ ({listed}); use "
+            f"{args.model.replace('mae_', 'chamae_', 1)}, which takes any channels by name"
         )
+
+
+def channel_vocabulary(args, datasets, given=None, checkpoint=None) -> list[str]:
+    """The channel names of the model's embedding rows, set as each dataset's ``embed_ids``: those of the checkpoint
+    resumed from when it names every channel read (so a resumed run maps them by name), else
+    ``--channel_vocabulary`` (or the data-mix file's), else the union of the sources' names (a checkpoint that does
+    not fit them is then refused when it is loaded). checkpoint: the ``--resume`` file's contents, or None."""
+    if checkpoint is not None:
+        known = checkpoint_channel_names(checkpoint, args.resume)
+        if not is_positional(known) and {n for d in datasets for n in d.read_names} <= set(known):
+            return assign_vocabulary(datasets, known, source=args.resume, by_position=False)
+    vocabulary = union_vocabulary(datasets, args.channel_vocabulary or given)
+    return assign_vocabulary(datasets, vocabulary, source="--channel_vocabulary", by_position=False)
+
+
+def training_data(args, datasets, sources):
+    """The training dataset (one source's, or a ``MixedDataset`` of several), with its description lines."""
+    if len(datasets) == 1:
+        return datasets[0], describe_dataset("train", datasets[0])
+    mixed = MixedDataset(datasets, [s.name for s in sources], [s.weight for s in sources])
+    return mixed, f"train: {len(sources)} sources, {len(mixed)} samples\n{mixed.describe()}"
 
 
 def main(args):
@@ -127,21 +168,31 @@ def main(args):
     check_pretrain_resume(args)
     device = setup_run(args)
 
-    dataset_train = build_pretrain_dataset(args)
-    print(describe_dataset("train", dataset_train))
-    args.normalization = normalization_record(dataset_train)  # saved with the checkpoints, for fine-tuning
-    check_channels(args, dataset_train)
-    source = dataset_train
-    items = training_items(source, args)
+    datasets, sources, given = build_pretrain_sources(args)
+    check_channels(args, datasets, sources)
+    checkpoint = load_checkpoint(args.resume, args.unsafe_load) if resolve_resume(args) else None
+    vocabulary = channel_vocabulary(args, datasets, given, checkpoint)
+    dataset_train, description = training_data(args, datasets, sources)
+    print(description)
+    print(f"Channel vocabulary ({len(vocabulary)} embedding rows): {','.join(vocabulary)}")
+    # saved with the checkpoints, for fine-tuning: normalisation, channel names and per-name statistics
+    args.normalization = normalization_record(datasets[0]) if len(datasets) == 1 else names_record(datasets)
+    args.vocabulary = vocabulary_record(vocabulary, datasets)
+    if args.channels is not None and len(datasets) == 1 and not is_positional(datasets[0].channel_names):
+        args.channels = ",".join(datasets[0].read_names)  # by name, for the tools that read the checkpoint
+    channel_ids = torch.as_tensor(datasets[0].embed_ids, dtype=torch.long, device=device)
+    items = training_items(dataset_train, args) if len(datasets) == 1 else dataset_train
     if args.bag_of_channels:
-        dataset_train = items = SingleChannelDataset(source, items)
-    channel_ids = torch.as_tensor(dataset_train.channel_ids, dtype=torch.long, device=device)
+        dataset_train = items = SingleChannelDataset(dataset_train, items)
+        channel_ids = torch.as_tensor(dataset_train.channel_ids, dtype=torch.long, device=device)
     data_loader_train = build_train_loader(items, args)
+    if len(datasets) > 1:  # the same on every process (util.loaders.SourceBatchSampler)
+        print(f"[rank {get_rank()}] {len(data_loader_train)} batches per epoch", force=True)
     vis_batch = None
     if args.vis_every > 0 and is_main_process():
-        vis_batch = vis.fixed_batch(dataset_train, args.vis_n, args.seed).to(device)
+        vis_batch = vis.fixed_batch(datasets[0], args.vis_n, args.seed).to(device)
 
-    model = build_pretrain_model(args, dataset_train)
+    model = build_pretrain_model(args, datasets[0].in_chans, len(vocabulary))
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
@@ -162,12 +213,13 @@ def main(args):
 
     model, _ = wrap_model(model, args, device)
     state = TrainState(args, model, model_without_ddp, optimizer, loss_scaler, device, channel_ids)
+    state.checkpoint = checkpoint
 
     def visualise(epoch: int):
         """Every --vis_every epochs and at the last: the bare module on rank 0 only (no collective), and the
         training RNG stream is left as it was."""
         if vis_batch is not None and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
-            names = vis.channel_labels(dataset_train)
+            names = vis.channel_labels(datasets[0])
             vis.log_reconstructions(model_without_ddp, vis_batch, channel_ids, args, epoch, state.log_writer, names)
 
     fit(state, data_loader_train, train_one_epoch, dataset=source, after_save=visualise)

@@ -27,6 +27,8 @@ import models_mae
 import models_vit
 from util.checkpoint import check_state_dict, read_checkpoint
 from util.cli import parse_model_kwargs
+from util.data.channels import positional_names
+from util.data.vocabulary import checkpoint_vocabulary
 from util.errors import CheckpointError, CheckpointMismatchError
 from util.pos_embed import interpolate_pos_embed
 
@@ -211,7 +213,8 @@ def model_from_checkpoint(path, model=None, input_size=None, encoder_only=False,
     overrides: further model kwargs (e.g. norm_pix_loss=True, mask_mode='spatial', num_heads=2).
 
     Returns (model, info) with info = {'name', 'kind' ('pretrain' | 'classifier'), 'args', 'epoch', 'kwargs' (the
-    ``create_model`` kwargs it was built with)}.
+    ``create_model`` kwargs it was built with), 'vocabulary' (the channel names of its embedding rows,
+    ``state_vocabulary``)}.
     A pretraining checkpoint gives the MAE / ChannelMAE with its decoder unless encoder_only; a classifier
     checkpoint (or an encoder-only published file) gives the classifier with num_classes=0 (no head).
     """
@@ -266,20 +269,17 @@ def model_from_checkpoint(path, model=None, input_size=None, encoder_only=False,
     epoch = checkpoint.get("epoch")
     epoch = epoch if isinstance(epoch, int) else None
     kind = "pretrain" if pretrain else "classifier"
-    return net, dict(name=name, kind=kind, args=args, epoch=epoch, kwargs=kwargs)
+    vocabulary = state_vocabulary(checkpoint, state_dict, path)
+    return net, dict(name=name, kind=kind, args=args, epoch=epoch, kwargs=kwargs, vocabulary=vocabulary)
 
 
-def num_known_channels(dataset) -> int:
-    """Channels in the files (the dataset may read a subset, named by ``dataset.channel_ids``)."""
-    return max(getattr(dataset, "num_channels", 0), max(dataset.channel_ids) + 1)
-
-
-def build_pretrain_model(args, dataset):
-    """The pretraining model for ``args.model`` sized for the dataset's channels."""
+def build_pretrain_model(args, in_chans: int, num_channels: int):
+    """The pretraining model for ``args.model``: ``in_chans`` planes per input (MAE), ``num_channels`` rows of
+    channel embeddings (ChannelMAE: the size of the channel vocabulary)."""
     kwargs = dict(
         img_size=args.input_size,
-        in_chans=dataset.in_chans,
-        num_channels=num_known_channels(dataset),
+        in_chans=in_chans,
+        num_channels=num_channels,
         norm_pix_loss=args.norm_pix_loss,
         decoder=args.decoder,
         decode_ratio=args.decode_ratio,
@@ -292,14 +292,12 @@ def build_pretrain_model(args, dataset):
     return models_chamae.create_model(args.model, **kwargs)
 
 
-def build_classifier(args, dataset, reference_state: dict | None = None, **overrides):
-    """The classifier for ``args.model``; the patch size and number of channel embeddings follow
-    ``reference_state`` (the checkpoint to be loaded) unless ``--patch_size`` says otherwise."""
-    num_channels = num_known_channels(dataset)
-    kwargs = dict(img_size=args.input_size, in_chans=dataset.in_chans, num_classes=args.nb_classes, hcs=args.hcs)
+def build_classifier(args, in_chans: int, num_channels: int, reference_state: dict | None = None, **overrides):
+    """The classifier for ``args.model``: ``in_chans`` planes per input (ViT), ``num_channels`` channel-embedding
+    rows (ChannelViT: the size of the channel vocabulary); the patch size follows ``reference_state`` (the
+    checkpoint to be loaded) unless ``--patch_size`` says otherwise."""
+    kwargs = dict(img_size=args.input_size, in_chans=in_chans, num_classes=args.nb_classes, hcs=args.hcs)
     if reference_state is not None:
-        if "channel_embed" in reference_state:
-            num_channels = max(num_channels, reference_state["channel_embed"].shape[0])
         if args.patch_size is None and "patch_embed.proj.weight" in reference_state:
             kwargs["patch_size"] = reference_state["patch_embed.proj.weight"].shape[-1]
     if args.patch_size:
@@ -342,6 +340,11 @@ def load_pretrained(model, state_dict: dict, path: str = ""):
             f"and patch), which a {type(model).__name__} does not take: use a channelvit_* --model, or leave --model "
             "out to build the checkpoint's"
         )
+    rows = state_dict.get("channel_embed")
+    if rows is not None and "channel_embed" in model_state and len(rows) < len(model_state["channel_embed"]):
+        fresh = model_state["channel_embed"][len(rows) :]
+        print(f"channel_embed: {len(rows)} pretrained rows, {len(fresh)} new ones (new channels) freshly initialised")
+        state_dict["channel_embed"] = torch.cat([rows, fresh.to(rows.dtype)])
     for key in ("head.weight", "head.bias"):
         if key in state_dict and state_dict[key].shape != model_state[key].shape:
             print(f"Removing key {key} from pretrained checkpoint (shape {tuple(state_dict[key].shape)})")
@@ -364,11 +367,21 @@ def load_pretrained(model, state_dict: dict, path: str = ""):
     return msg
 
 
-def load_state_dict_from(path: str, args) -> tuple[dict, dict]:
-    """(model state dict, recorded args ({} if none)) of a checkpoint file: ours, MAE's ({'model': state_dict},
-    maybe with a Namespace of args) or a bare state dict (``util.checkpoint.read_checkpoint``), whose state dict
-    must hold tensors only."""
-    state_dict, checkpoint_args, _ = read_checkpoint(path, unsafe=args.unsafe_load)
+def state_vocabulary(checkpoint: dict, state_dict: dict, path: str) -> list[str]:
+    """The channel names of a checkpoint's embedding rows (``util.data.vocabulary.checkpoint_vocabulary``); for a
+    whole-patch model, of its patch projection's input planes."""
+    if "channel_embed" in state_dict:
+        return checkpoint_vocabulary(checkpoint, state_dict["channel_embed"].shape[0], path)
+    planes = state_dict.get("patch_embed.proj.weight")
+    names = checkpoint_vocabulary(checkpoint, None, path)
+    return names if names or planes is None else positional_names(planes.shape[1])
+
+
+def load_state_dict_from(path: str, args) -> tuple[dict, dict, list[str]]:
+    """(model state dict, recorded args ({} if none), channel vocabulary) of a checkpoint file: ours, MAE's
+    ({'model': state_dict}, maybe with a Namespace of args) or a bare state dict (``util.checkpoint.read_checkpoint``),
+    whose state dict must hold tensors only."""
+    state_dict, checkpoint_args, checkpoint = read_checkpoint(path, unsafe=args.unsafe_load)
     if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path} holds no model state dict (expected a dict of tensors under 'model')")
-    return state_dict, checkpoint_args
+    return state_dict, checkpoint_args, state_vocabulary(checkpoint, state_dict, path)

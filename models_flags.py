@@ -78,6 +78,13 @@ def add_model_args(parser):
     g.add_argument("--hcs", action="store_true", help="hierarchical channel sampling in training (ChannelViT)")
     g.add_argument("--finetune", default="", help="initialise the encoder from this checkpoint (file or model folder)")
     g.add_argument("--nb_classes", default=None, type=int, help="number of classes (default: from the dataset)")
+    g.add_argument(
+        "--new_channels",
+        default=None,
+        metavar="NAME[,NAME]",
+        help="channels the --finetune checkpoint does not know, each given a fresh embedding row (ChannelViT), or "
+        "'all' for every unknown one (default: an unknown channel name is an error)",
+    )
     return g
 
 
@@ -87,12 +94,16 @@ class Checkpoints:
 
     reference: the state dict the model is shaped after (--resume, else --finetune), or None; pretrained: the
     --finetune state dict to load, or None; stats: the normalisation the reference recorded (``args.normalization``);
-    sources: lines saying where the flags that belong to a checkpoint took their values from.
+    vocabulary: the channel names of the reference's embedding rows (None without a checkpoint); resumed: whether the
+    reference is --resume (its classifier's rows are fixed: no new channels); sources: lines saying where the flags
+    that belong to a checkpoint took their values from.
     """
 
     reference: dict | None = None
     pretrained: dict | None = None
     stats: dict | None = None
+    vocabulary: list | None = None
+    resumed: bool = False
     sources: list[str] = field(default_factory=list)
 
 
@@ -153,10 +164,11 @@ def resolve_checkpoint_flags(args, defaults: dict = DEFAULTS) -> Checkpoints:
     given = {key: getattr(args, key) for key in (*MODEL_FLAGS, *RESUME_FLAGS) if getattr(args, key) not in (None, [])}
     found, taken = Checkpoints(), {}
     if args.finetune and not args.eval:
-        found.pretrained, checkpoint_args = load_state_dict_from(args.finetune, args)
+        found.pretrained, checkpoint_args, found.vocabulary = load_state_dict_from(args.finetune, args)
         found.reference = found.pretrained
     if resume:
-        found.reference, checkpoint_args = load_state_dict_from(resume, args)
+        found.reference, checkpoint_args, found.vocabulary = load_state_dict_from(resume, args)
+        found.resumed = True
     path = resume or args.finetune
     if found.reference is not None:
         taken = take_checkpoint_flags(args, checkpoint_args, found.reference, path, resumed=bool(resume))

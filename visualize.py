@@ -22,6 +22,7 @@ from util.data.errors import DatasetError
 from util.data.evaluation import SPLITS, eval_dataset, inherit_data_args
 from util.distributed import default_device
 from util.errors import CheckpointError
+from util.features import channel_rows
 from util.flags import ArgumentParser, Limit
 from util.output_dir import check_output_file
 from util.vis import channel_labels, fixed_batch, mse_space, reconstruction_grid, save_png
@@ -67,7 +68,9 @@ def get_args_parser():
     g = parser.add_argument_group("data (default: the checkpoint's flags)")
     g.add_argument("--data_path", default=None)
     g.add_argument("--split", default="pretrain", choices=SPLITS, help="pretraining layout or a labelled split")
-    g.add_argument("--channels", default=None, help="channel ids to read, e.g. '0,2,4'")
+    g.add_argument(
+        "--channels", default=None, help="channels to read by name or file position, e.g. 'DNA,Mito' or '0,2,4'"
+    )
     g.add_argument("--mean", default=None, type=float, nargs="+")
     g.add_argument("--std", default=None, type=float, nargs="+")
     g.add_argument("--channel_stats", default=None)
@@ -90,10 +93,10 @@ def main(args):
     inherit_data_args(args, info["args"], model)
     mask_ratio = args.mask_ratio if args.mask_ratio is not None else info["args"].get("mask_ratio", 0.75)
     check_output_file(args.out, "--out")
-    dataset = eval_dataset(args, args.split)
+    dataset = eval_dataset(args, args.split, info["args"].get("normalization"))
     check_model_channels(model, dataset, args.channels)
     imgs = fixed_batch(dataset, args.n, args.seed).to(args.device)
-    channel_ids = torch.as_tensor(dataset.channel_ids, device=args.device)
+    channel_ids = torch.as_tensor(channel_rows([dataset], info, args.resume, model), device=args.device)
     names = channel_labels(dataset)
     rgb = None if args.rgb == "none" else args.rgb
     grid, channel_mse = reconstruction_grid(

@@ -266,7 +266,8 @@ def write_initial_checkpoint(argv, path):
     """The model main_pretrain.py would build from argv, seeded with its --seed, saved untrained."""
     args = main_pretrain.get_args_parser().parse_args(argv)
     seed_everything(args.seed)
-    model = build_pretrain_model(args, build_pretrain_dataset(args))
+    dataset = build_pretrain_dataset(args)
+    model = build_pretrain_model(args, dataset.in_chans, dataset.num_channels)
     torch.save(dict(model=model.state_dict(), args=args_to_dict(args), epoch=-1), path)
     return path
 
@@ -326,14 +327,15 @@ def evaluate_ihc(args, ckpt, heldout_csv):
     model, info = load_pretrain_model(ckpt, device)
     data = data_args(info, model)
     data.data_path = str(heldout_csv)
+    names_file = Path(args.ihc_dir) / "channels.txt"
+    if names_file.is_file():
+        data.channel_names = names_file.read_text().split()
     dataset = build_pretrain_dataset(data)
     dataset.transform = v2.Normalize(dataset.mean, dataset.std)
     imgs, _ = stack(dataset)
     channel_ids = torch.as_tensor(dataset.channel_ids, device=device)
     errors = masked_mse(model, imgs.to(device), channel_ids, args.mask_ratio, args.mask_draws)
-    names_file = Path(args.ihc_dir) / "channels.txt"
-    all_names = dataset.channel_names or (names_file.read_text().split() if names_file.is_file() else [])
-    names = [all_names[c] if c < len(all_names) else f"ch{c}" for c in dataset.channel_ids]
+    names = dataset.read_names
     return dict(
         ihc_mse=errors["mse"],
         ihc_channel_mse=dict(zip(names, errors["channel_mse"])),

@@ -50,6 +50,7 @@ SETUP = {
             "{runs}/chamae/checkpoint-last.pth",
         ),
         *("--data_path", "{csv_metadata}/train.csv", "--metadata_columns", "plate,well", "--out", "{tmp}/meta.npz"),
+        *("--channel_names", "R,G"),  # channels the IHC checkpoint knows: an unknown name is an error (issue 14)
     ],
 }
 """Real runs whose checkpoints the cases use; each must succeed."""

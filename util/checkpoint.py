@@ -14,6 +14,7 @@ import zipfile
 import torch
 from timm.models import clean_state_dict
 
+from util.data.vocabulary import checkpoint_vocabulary
 from util.distributed import get_rank, get_world_size, is_main_process
 from util.errors import CheckpointError, CheckpointMismatchError, OutputError
 from util.model_folder import is_model_folder, read_model_folder
@@ -35,8 +36,9 @@ def _plain(value):
 
 
 def args_to_dict(args) -> dict:
-    """``vars(args)`` with every value made a plain Python value (unknown types become ``str``)."""
-    return {k: _plain(v) for k, v in vars(args).items()}
+    """``vars(args)`` with every value made a plain Python value (unknown types become ``str``); the channel
+    vocabulary (``args.vocabulary``) is left out: it is saved at the top level (``save_model``)."""
+    return {k: _plain(v) for k, v in vars(args).items() if k != "vocabulary"}
 
 
 def _fsync_dir(path: str):
@@ -102,8 +104,10 @@ def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, extr
 
     Without ``tag``: ``checkpoint-last.pth`` always, and ``checkpoint-{epoch}.pth`` too every ``args.save_every``
     epochs and at the final epoch (a hard link to the same file). With ``tag`` (e.g. 'best'):
-    ``checkpoint-{tag}.pth`` only. ``extra`` entries are added to the dict (plain values/tensors only).
-    Returns the path written (rank 0) or None.
+    ``checkpoint-{tag}.pth`` only. ``extra`` entries are added to the dict (plain values/tensors only), and so
+    is the channel vocabulary ``args.vocabulary`` when the run set one: ``channel_names`` (one per channel-embedding
+    row, in row order) and ``channel_stats`` (``{'mean': [...], 'std': [...]}``, raw units, per name; see
+    ``util.data.vocabulary``). Returns the path written (rank 0) or None.
     """
     rng = gather_rng_states()
     if not is_main_process() or not args.output_dir:
@@ -115,6 +119,7 @@ def save_model(args, epoch: int, model_without_ddp, optimizer, loss_scaler, extr
         "epoch": epoch,
         "args": args_to_dict(args),
         "rng": rng,
+        **_plain(getattr(args, "vocabulary", None) or {}),
         **(extra or {}),
     }
     path = os.path.join(args.output_dir, f"checkpoint-{'last' if tag is None else tag}.pth")
@@ -210,6 +215,15 @@ def read_checkpoint(path: str, unsafe: bool = False, mmap: bool = False) -> tupl
     return clean_state_dict(state_dict), dict(args or {}), checkpoint
 
 
+def checkpoint_channel_names(checkpoint: dict, path: str) -> list[str]:
+    """The channel vocabulary of ``checkpoint`` (read from ``path``; ``util.data.vocabulary.checkpoint_vocabulary``):
+    its ``channel_names``, else positional names for the rows of its channel embedding (or its input planes)."""
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else {}
+    rows = state.get("channel_embed", state.get("patch_embed.proj.weight"))
+    num_rows = None if rows is None else rows.shape[0 if "channel_embed" in state else 1]
+    return checkpoint_vocabulary(checkpoint, num_rows, path)
+
+
 def check_state_dict(model, state_dict: dict, source: str, allow_missing=(), allow_unexpected: bool = False):
     """Raise ``CheckpointMismatchError`` unless ``state_dict`` fits ``model``.
 
@@ -262,17 +276,19 @@ def resolve_resume(args) -> str:
     return getattr(args, "resume", "")
 
 
-def load_model(args, model_without_ddp, optimizer=None, loss_scaler=None) -> dict | None:
+def load_model(args, model_without_ddp, optimizer=None, loss_scaler=None, checkpoint=None) -> dict | None:
     """Resume from ``args.resume`` (or, with ``args.auto_resume``, the newest checkpoint in ``args.output_dir``).
 
     Restores the model and, unless ``args.eval``, the optimizer, scaler, ``args.start_epoch`` (= saved epoch + 1;
     the saved epoch itself for a mid-epoch checkpoint, see ``resume_progress``) and this process's RNG states, so
     call it after everything that draws random numbers at start-up. A checkpoint that does not fit raises
-    ``CheckpointMismatchError``. Returns the checkpoint dict (None when there is nothing to resume).
+    ``CheckpointMismatchError``. ``checkpoint``: the file's contents when the caller has read them already (so it is
+    unpickled once). Returns the checkpoint dict (None when there is nothing to resume).
     """
     if not resolve_resume(args):
         return None
-    checkpoint = load_checkpoint(args.resume, unsafe=getattr(args, "unsafe_load", False))
+    if checkpoint is None:
+        checkpoint = load_checkpoint(args.resume, unsafe=getattr(args, "unsafe_load", False))
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise CheckpointError(f"{args.resume} is not a training checkpoint (no 'model' state dict)")
     check_state_dict(model_without_ddp, checkpoint["model"], args.resume)

@@ -50,8 +50,23 @@ class FloatListAction(argparse.Action):
         setattr(namespace, self.dest, floats)
 
 
+class PathsAction(argparse.Action):
+    """``--data_path A`` -> 'A'; ``--data_path A B`` -> ['A', 'B'] (several sources)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else list(values))
+
+
 def add_reading_args(group):
-    """``--channel_axis`` and ``--nan_fill``: how pixels are read, for every script that reads data."""
+    """``--channel_axis``, ``--nan_fill`` and ``--channel_names``: how pixels are read and what their channels are
+    called, for every script that reads data."""
+    group.add_argument(
+        "--channel_names",
+        default=None,
+        metavar="A,B,C",
+        help="names of the files' channels, in file order (default: the CSV's channel columns, channels.txt in the "
+        "data root, else positional names ch0, ch1, ...); a checkpoint maps channels by these names",
+    )
     group.add_argument(
         "--channel_axis",
         default=None,
@@ -78,10 +93,23 @@ def add_reading_args(group):
 def add_data_args(parser: argparse.ArgumentParser):
     """The training scripts' "data" flags: where the data is, its channels, normalisation and augmentation."""
     g = parser.add_argument_group("data")
-    g.add_argument("--data_path", default=None, type=str, help="dataset root (class folders) or a CSV index")
+    g.add_argument(
+        "--data_path",
+        default=None,
+        nargs="+",
+        action=PathsAction,
+        metavar="PATH",
+        help="dataset root (class folders) or a CSV index; pretraining also takes several (roots or CSVs) or a "
+        "data-mix .json, one source each (util.data.sources)",
+    )
     g.add_argument("--input_size", default=224, type=int, help="image size (square)")
     g.add_argument("--in_chans", default=None, type=int, help="number of input channels (default: from the data)")
-    g.add_argument("--channels", default=None, type=str, help="channel ids to read, e.g. '0,2,4' (default: all)")
+    g.add_argument(
+        "--channels",
+        default=None,
+        type=str,
+        help="channels to read, in this order, by name or file position, e.g. 'DNA,Mito' or '0,2,4' (default: all)",
+    )
     order = (
         "in raw units: one value per channel of the files, in file order also when --channels reorders them, or "
         "one per --channels id, in --channels order, when --channels picks fewer channels"

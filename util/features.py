@@ -6,11 +6,24 @@ import re
 import numpy as np
 import torch
 
+from util.data.vocabulary import assign_vocabulary, check_fixed_order
+
 CHUNK_ROWS = 4096
 
 
 def is_channel_model(model):
     return hasattr(model, "channel_embed")
+
+
+def channel_rows(datasets, info: dict, source: str, model) -> list[int]:
+    """The channel-embedding rows of the datasets' channels, by name in the checkpoint's vocabulary
+    (``info['vocabulary']``, ``models_checkpoint.model_from_checkpoint``; an unknown name is a ``DatasetError``); for a
+    whole-patch model, whose planes have one fixed order, the checked file positions (``check_fixed_order``)."""
+    if is_channel_model(model):
+        assign_vocabulary(datasets, info["vocabulary"], source=source)
+        return datasets[0].embed_ids
+    check_fixed_order(datasets[0], info["vocabulary"], info["name"], source)
+    return datasets[0].channel_ids
 
 
 @torch.no_grad()

@@ -135,23 +135,31 @@ class LossTracker:
     at logging steps, the last step of an epoch included) reads them back with one transfer, reduces them over
     processes and raises ``NonFiniteLossError`` naming the epoch and the first bad step. Training is therefore
     stopped at the next logging step after a NaN/inf appears; the parameters may be corrupted by then, but no
-    checkpoint is written after it, so ``checkpoint-last.pth`` holds the last good state.
+    checkpoint is written after it, so ``checkpoint-last.pth`` holds the last good state. With ``source_names``
+    (a multi-source run) each step's loss is also summed per source, reported as ``loss_<source>``.
     """
 
-    def __init__(self, device: torch.device, epoch: int):
+    def __init__(self, device: torch.device, epoch: int, source_names=None):
         self.epoch = epoch
         self.device = device
+        self.source_names = list(source_names or [])
+        self.source_sum = torch.zeros(len(self.source_names), dtype=torch.float64, device=device)
+        self.source_count = [0] * len(self.source_names)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         self.count = 0
         self.grad_norm_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.grad_norm_count = torch.zeros((), dtype=torch.float64, device=device)
 
-    def update(self, loss: torch.Tensor, step: int, grad_norm: torch.Tensor | None = None):
-        """Add the loss of ``step`` and, on optimizer steps, its gradient norm (None on accumulation steps)."""
+    def update(self, loss: torch.Tensor, step: int, grad_norm: torch.Tensor | None = None, source=None):
+        """Add the loss of ``step`` (of source index ``source``, if any) and, on optimizer steps, its gradient norm
+        (None on accumulation steps)."""
         loss = loss.detach().to(torch.float64)
         finite = torch.isfinite(loss)
         self.loss_sum += torch.where(finite, loss, 0.0)
+        if source is not None and self.source_names:
+            self.source_sum[source] += torch.where(finite, loss, 0.0)
+            self.source_count[source] += 1
         self.first_bad = torch.where((self.first_bad < 0) & ~finite, step, self.first_bad)
         self.count += 1
         if grad_norm is not None:
@@ -166,7 +174,8 @@ class LossTracker:
         never = torch.iinfo(torch.int64).max
         bad = torch.where(self.first_bad < 0, never, self.first_bad)
         count = torch.tensor(float(self.count), dtype=torch.float64, device=self.device)
-        stats = torch.stack([self.loss_sum, count, self.grad_norm_sum, self.grad_norm_count])
+        totals = torch.stack([self.loss_sum, count, self.grad_norm_sum, self.grad_norm_count])
+        stats = torch.cat([totals, self.source_sum])
         if is_dist_avail_and_initialized():
             stats, bad = stats.to(reduction_device()), bad.to(reduction_device())
             dist.all_reduce(stats)
@@ -177,13 +186,19 @@ class LossTracker:
                 f"Loss is not finite at epoch {self.epoch}, step {bad_step}; stopping training. "
                 "The last checkpoint written before this epoch is left as it was."
             )
-        loss_sum, count, grad_norm_sum, grad_norm_count = stats.tolist()
+        loss_sum, count, grad_norm_sum, grad_norm_count, *source_sums = stats.tolist()
         meters = {"loss": (loss_sum / count, self.count)}
+        world_size = get_world_size()  # every process trains the same source at a step
+        for name, total, steps in zip(self.source_names, source_sums, self.source_count):
+            if steps:
+                meters[f"loss_{name}"] = (total / (steps * world_size), steps)
         if grad_norm_count:  # every process steps together, so each holds 1 / world size of the count
             meters["grad_norm"] = (grad_norm_sum / grad_norm_count, round(grad_norm_count / get_world_size()))
         self.loss_sum.zero_()
         self.grad_norm_sum.zero_()
         self.grad_norm_count.zero_()
+        self.source_sum.zero_()
+        self.source_count = [0] * len(self.source_names)
         self.count = 0
         return meters
 

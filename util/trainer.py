@@ -1,7 +1,10 @@
 """The training loop every entry point shares: the steps of one epoch and the epochs of a run.
 
-An engine supplies only its per-batch loss, ``batch_loss(samples, targets) -> loss`` (samples (N, C, H, W) and
-targets already on the device; the engine applies autocast where it belongs). ``train_epoch`` does the rest of a
+An engine supplies only its per-batch loss, ``batch_loss(samples, targets, channel_ids) -> loss`` (samples
+(N, C, H, W), targets and channel_ids ((C,) or (N, C) channel-embedding rows) already on the device; the engine
+applies autocast where it belongs). A batch of a multi-source dataset (``util.data.sources.MixedDataset``) brings its
+own channel ids and its source, whose loss is tracked apart (``loss_<source>`` in the meters, log.txt and
+TensorBoard). ``train_epoch`` does the rest of a
 step: the per-iteration lr (``util.lr_sched``), gradient accumulation (``--accum_iter``, DDP ``no_sync`` between
 updates), backward, clipping and the optimizer step through the AMP scaler, loss and gradient-norm tracking on the
 device, logging, and the stop-signal check after each optimizer step. ``fit`` runs the epochs in one order:
@@ -39,8 +42,8 @@ from util.preemption import (
     stop_if_requested,
 )
 
-BatchLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""(samples (N, C, H, W), targets (N,)) on the device -> the scalar loss of the batch."""
+BatchLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+"""(samples (N, C, H, W), targets (N,), channel ids (C,) / (N, C) / None) on the device -> the scalar loss."""
 
 
 @dataclass
@@ -50,7 +53,8 @@ class TrainState:
     ``model`` trains (maybe wrapped in DDP and/or compiled); ``model_without_ddp`` is the bare module whose state is
     saved; ``eval_model`` evaluates (the same weights without DDP). ``channel_ids`` (C,) name the input planes.
     ``progress``: the mid-epoch position of the checkpoint resumed from (``util.preemption.resume_progress``).
-    ``max_accuracy``: the best top-1 so far, for runs that evaluate.
+    ``max_accuracy``: the best top-1 so far, for runs that evaluate. ``checkpoint``: the ``--resume`` file's
+    contents when the entry point has read them already (for its channel vocabulary); ``resume`` loads and drops it.
     """
 
     args: argparse.Namespace
@@ -64,6 +68,7 @@ class TrainState:
     log_writer: Any = None
     progress: dict | None = None
     max_accuracy: float = 0.0
+    checkpoint: dict | None = None
 
     @property
     def n_parameters(self) -> int:
@@ -85,21 +90,20 @@ def train_epoch(state: TrainState, data_loader, epoch: int, batch_loss: BatchLos
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     start_step = restore_meters(metric_logger, state.progress)
     num_steps = start_step + len(data_loader)
-    tracker = LossTracker(state.device, epoch)
+    tracker = LossTracker(state.device, epoch, getattr(data_loader.dataset, "source_names", None))
     lr = optimizer.param_groups[0]["lr"]
     device_augment = getattr(data_loader.dataset, "device_augment", None)  # --gpu_augment (util.data.device_augment)
 
     optimizer.zero_grad(set_to_none=True)
     batches = metric_logger.log_every(data_loader, args.print_freq, f"Epoch: [{epoch}]")
-    for step, (samples, targets) in enumerate(batches, start_step):
+    for step, batch in enumerate(batches, start_step):
         if step % args.accum_iter == 0:
             lr = lr_sched.adjust_learning_rate(optimizer, epoch + step / num_steps, args)
-        samples = samples.to(state.device, non_blocking=True)
+        samples, targets, channel_ids, source = unpack_batch(batch, state)
         samples = device_augment(samples) if device_augment is not None else samples
-        targets = targets.to(state.device, non_blocking=True)
         update = (step + 1) % args.accum_iter == 0
         with maybe_no_sync(model, not update):
-            loss = batch_loss(samples, targets)
+            loss = batch_loss(samples, targets, channel_ids)
             grad_norm = state.loss_scaler(
                 loss / args.accum_iter,
                 optimizer,
@@ -109,21 +113,32 @@ def train_epoch(state: TrainState, data_loader, epoch: int, batch_loss: BatchLos
             )
         if update:
             optimizer.zero_grad(set_to_none=True)
-        tracker.update(loss, step, grad_norm)
+        tracker.update(loss, step, grad_norm, source)
 
         log_train_step(step, num_steps, epoch, lr, tracker, metric_logger, state.log_writer, args.print_freq)
         if update and step + 1 < num_steps:  # a stop at the last step is handled once the epoch is saved
-            stop_if_requested(epoch, step, tracker, metric_logger, data_loader.batch_size)
+            stop_if_requested(epoch, step, tracker, metric_logger, data_loader.batch_sampler.batch_size)
 
     print("Averaged stats:", metric_logger)
     return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+
+
+def unpack_batch(batch, state: TrainState):
+    """(samples, targets, channel ids, source index or None) of a batch on the device: (imgs, labels) take
+    ``state.channel_ids``; a multi-source batch (imgs, labels, ids (N, C), sources (N,)) brings its own."""
+    samples = batch[0].to(state.device, non_blocking=True)
+    targets = batch[1].to(state.device, non_blocking=True)
+    if len(batch) == 2:
+        return samples, targets, state.channel_ids, None
+    return samples, targets, batch[2].to(state.device, non_blocking=True), int(batch[3][0])
 
 
 def resume(state: TrainState) -> dict | None:
     """Load ``--resume`` / ``--auto_resume`` into the state (weights, optimizer, scaler, epoch, RNG, mid-epoch
     position, best accuracy); call after everything that draws random numbers at start-up. Returns the checkpoint."""
     args = state.args
-    checkpoint = load_model(args, state.model_without_ddp, state.optimizer, state.loss_scaler)
+    checkpoint = load_model(args, state.model_without_ddp, state.optimizer, state.loss_scaler, state.checkpoint)
+    state.checkpoint = None
     if checkpoint and not getattr(args, "eval", False):
         state.max_accuracy = checkpoint.get("max_accuracy", 0.0)
     state.progress = resume_progress(checkpoint, args)

@@ -27,16 +27,16 @@ def _build(
     num_listed = len(samples)
     split = "" if pretrain else f" ({'train' if train else 'val'} split)"
     samples, shape, dtypes = validate_samples(samples, config, f"--data_path {path}{split}")
-    ids = select_channel_ids(config, shape[0], samples[0][0])
-    names = read_channel_names(stats_dir, csv_names, shape[0])
+    names = read_channel_names(stats_dir, csv_names, shape[0], config.channel_names)
+    ids = select_channel_ids(config, shape[0], samples[0][0], names)
 
     def estimate():
         return estimate_mean_std(stats_samples or samples, ids, shape[0], str(path), config)
 
     rgb = is_rgb(stats_samples or samples, ids, dtypes, names)
-    recorded = recorded_mean_std(checkpoint_stats, ids, shape[0], dtypes)
+    recorded = recorded_mean_std(checkpoint_stats, ids, shape[0], dtypes, names)
     mean, std, source = resolve_mean_std(
-        config, stats_dir, ids, shape[0], dtypes, estimate, rgb=rgb, checkpoint=recorded
+        config, stats_dir, ids, shape[0], dtypes, estimate, rgb=rgb, checkpoint=recorded, names=names
     )
     if train and len(ids) == 3 and dtypes == {"uint8"} and not rgb:
         logger.warning(

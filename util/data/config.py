@@ -1,13 +1,14 @@
 """DataConfig: every flag the data layer reads, with its default defined once; built from an args namespace."""
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """The data and reading flags (``util.cli.add_common_args``, fine-tuning's augmentation flags), as given.
 
-    Values are kept as the flags hold them (``channels`` a "0,2,4" string or a list, ``mean``/``std`` lists or
+    Values are kept as the flags hold them (``channels`` a "0,2,4" / "DNA,Mito" string or a list, ``channel_names``
+    "A,B,C", ``data_path`` a string or, for several sources, a list, ``mean``/``std`` lists or
     "1,2,3" strings), so errors quote them as the user wrote them; the data layer parses and checks them.
     """
 
@@ -15,6 +16,7 @@ class DataConfig:
     input_size: int = 224
     in_chans: int | None = None
     channels: str | list | None = None
+    channel_names: str | list | None = None
     mean: str | list | None = None
     std: str | list | None = None
     channel_stats: str | None = None
@@ -43,3 +45,7 @@ class DataConfig:
     def reading_kwargs(self) -> dict:
         """``MultiChannelDataset`` keywords of the reading flags --skip_bad_samples, --channel_axis and --nan_fill."""
         return dict(skip_bad_samples=self.skip_bad_samples, channel_axis=self.channel_axis, nan_fill=self.nan_fill)
+
+    def for_source(self, data_path: str, channel_stats: str | None = None) -> "DataConfig":
+        """This config for one source of a multi-source run: its own path and (maybe) statistics file."""
+        return replace(self, data_path=data_path, channel_stats=channel_stats or self.channel_stats)

@@ -10,7 +10,7 @@ import multiprocessing
 import numpy as np
 import torch
 
-from util.data.channels import read_channel_names
+from util.data.channels import positional_names, read_channel_names
 from util.data.config import DataConfig
 from util.data.errors import CorruptFileError, DatasetError
 from util.data.layouts import resolve_data_path, stats_folder, unlabelled_samples
@@ -26,7 +26,9 @@ class MultiChannelDataset(torch.utils.data.Dataset):
     samples: [(path, label)] or [([path per channel], label)]; channel_ids: the channels read, in order, out
     of num_channels in the files. Without a transform an item is the raw float32 tensor (C', H, W).
     ``mean``, ``std`` (raw units, per channel read) and ``norm_source`` are the normalisation the builders chose
-    (None for a raw dataset); ``channel_names`` names the files' channels (None when nothing names them).
+    (None for a raw dataset); ``channel_names`` names the files' channels (``util.data.channels``) and
+    ``read_names`` the channels read; ``embed_ids`` (set by ``util.data.vocabulary.assign_vocabulary``) are the
+    model's channel-embedding rows of the channels read (default: their file positions).
     """
 
     def __init__(
@@ -51,7 +53,8 @@ class MultiChannelDataset(torch.utils.data.Dataset):
         self.num_channels = num_channels
         self.transform = transform
         self.dtypes = set(dtypes)
-        self.channel_names = channel_names
+        self.channel_names = list(channel_names) if channel_names is not None else positional_names(num_channels)
+        self.embed_ids = list(self.channel_ids)
         self.skip_bad_samples = skip_bad_samples
         self.channel_axis = channel_axis
         self.nan_fill = nan_fill
@@ -68,6 +71,11 @@ class MultiChannelDataset(torch.utils.data.Dataset):
     @num_skipped.setter
     def num_skipped(self, value):
         self._num_skipped.value = value
+
+    @property
+    def read_names(self) -> list[str]:
+        """The names of the channels read, in read order."""
+        return [self.channel_names[c] for c in self.channel_ids]
 
     def __len__(self):
         return len(self.samples)
@@ -105,11 +113,18 @@ class MultiChannelDataset(torch.utils.data.Dataset):
 
 
 def build_raw_dataset(
-    data_path, skip_bad_samples=False, allow_mixed_sizes=False, channel_axis=None, nan_fill=None, metadata_columns=None
+    data_path,
+    skip_bad_samples=False,
+    allow_mixed_sizes=False,
+    channel_axis=None,
+    nan_fill=None,
+    metadata_columns=None,
+    channel_names=None,
 ):
     """All channels of the pretraining samples of data_path, untransformed (for statistics)."""
     config = DataConfig(
         data_path=data_path,
+        channel_names=channel_names,
         skip_bad_samples=skip_bad_samples,
         allow_mixed_sizes=allow_mixed_sizes,
         channel_axis=channel_axis,
@@ -119,7 +134,7 @@ def build_raw_dataset(
     path = resolve_data_path(config)
     samples, names, _ = unlabelled_samples(path, config.metadata_columns)
     samples, shape, dtypes = validate_samples(samples, config, f"--data_path {path}")
-    names = read_channel_names(stats_folder(path), names, shape[0])
+    names = read_channel_names(stats_folder(path), names, shape[0], config.channel_names)
     return MultiChannelDataset(
         samples,
         [],

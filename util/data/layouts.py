@@ -178,6 +178,11 @@ def resolve_data_path(config: DataConfig) -> Path:
     value = config.data_path
     if not value:
         raise DatasetError("--data_path is required")
+    if isinstance(value, list | tuple):
+        raise DatasetError(
+            f"--data_path {' '.join(map(str, value))}: several sources are for pretraining (main_pretrain.py); "
+            "pass one here"
+        )
     path = Path(value)
     if not path.exists():
         raise MissingPathError(f"--data_path {path} does not exist")

@@ -24,6 +24,7 @@ import numpy as np
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from util.cli import add_reading_args, run_main
+from util.data.channels import positional_names
 from util.data.config import DataConfig
 from util.data.dataset import MultiChannelDataset, build_raw_dataset
 from util.data.errors import CorruptFileError, DatasetError, MissingPathError, NonFinitePixelsError
@@ -209,6 +210,22 @@ def _per_channel(values, source, ids, num_channels):
     raise DatasetError(f"{source} has {len(values)} values but the data have {num_channels} channels ({len(ids)} used)")
 
 
+def _by_name(values, record_names, names, ids):
+    """``values`` (one per ``record_names``) for the channels ``ids`` of ``names``, matched by name; None unless the
+    record names real channels (not positional ones) and holds every channel read."""
+    if not record_names or names is None or len(record_names) != len(values):
+        return None
+    if list(record_names) == positional_names(len(record_names)) or list(record_names) == [
+        str(c) for c in range(len(record_names))
+    ]:
+        return None
+    row = {name: i for i, name in enumerate(record_names)}
+    wanted = [names[c] for c in ids]
+    if not all(name in row for name in wanted):
+        return None
+    return [float(values[row[name]]) for name in wanted]
+
+
 def _positive_std(std):
     for c, s in enumerate(std):
         if s <= 0:
@@ -245,16 +262,23 @@ def normalization_record(dataset) -> dict:
     return dict(
         num_channels=dataset.num_channels,
         channels=list(dataset.channel_ids),
+        names=dataset.read_names,
         dtypes=sorted(dataset.dtypes),
         mean=[float(m) for m in dataset.mean],
         std=[float(s) for s in dataset.std],
     )
 
 
-def recorded_mean_std(record, ids, num_channels, dtypes):
+def recorded_mean_std(record, ids, num_channels, dtypes, names=None):
     """(mean, std) of channel ids ``ids`` from a checkpoint's ``normalization_record``, or None unless it was made on
-    files with the same channel count and pixel types and holds every one of ``ids``."""
-    if not record or record.get("num_channels") != num_channels or set(record.get("dtypes") or ()) != set(dtypes):
+    files of the same pixel types and holds every channel read: by name when the record names its channels (any
+    channel order or count), else by position (files of the same channel count)."""
+    if not record or set(record.get("dtypes") or ()) != set(dtypes):
+        return None
+    mean = _by_name(record["mean"], record.get("names"), names, ids)
+    if mean is not None:
+        return mean, _by_name(record["std"], record.get("names"), names, ids)
+    if record.get("num_channels") != num_channels:
         return None
     row = {c: i for i, c in enumerate(record["channels"])}
     if not all(c in row for c in ids):
@@ -263,12 +287,22 @@ def recorded_mean_std(record, ids, num_channels, dtypes):
 
 
 def resolve_mean_std(
-    config: DataConfig, stats_dir: Path, ids, num_channels: int, dtypes, estimate, *, rgb=False, checkpoint=None
+    config: DataConfig,
+    stats_dir: Path,
+    ids,
+    num_channels: int,
+    dtypes,
+    estimate,
+    *,
+    rgb=False,
+    checkpoint=None,
+    names=None,
 ):
     """Per-channel (mean, std) in raw pixel units and where they came from, by the policy in the module docstring.
 
     rgb: whether the data are 8-bit RGB images (``is_rgb``); checkpoint: the (mean, std) a checkpoint recorded for
-    these channels (``recorded_mean_std``), or None.
+    these channels (``recorded_mean_std``), or None; names: the files' channel names, by which a statistics file
+    that names its channels (``"channels"``) is matched, whatever its channel order.
     """
     mean, std = parse_floats(config.mean, "--mean"), parse_floats(config.std, "--std")
     if (mean is None) != (std is None):
@@ -280,6 +314,9 @@ def resolve_mean_std(
     stats_path = Path(explicit) if explicit else stats_dir / STATS_FILENAME
     if explicit or stats_path.is_file():
         stats = load_channel_stats(stats_path)
+        mean = _by_name(stats["mean"], stats.get("channels"), names, ids)
+        if mean is not None:
+            return mean, _positive_std(_by_name(stats["std"], stats.get("channels"), names, ids)), str(stats_path)
         mean = _per_channel(stats["mean"], str(stats_path), ids, num_channels)
         return mean, _positive_std(_per_channel(stats["std"], str(stats_path), ids, num_channels)), str(stats_path)
     if checkpoint is not None:
@@ -298,8 +335,7 @@ def write_channel_stats(data_path, out=None, max_samples=None, **kwargs):
         check_output_file(str(out), "--out")
     dataset = build_raw_dataset(data_path, **kwargs)
     stats = compute_channel_stats(dataset, max_samples)
-    names = dataset.channel_names or [str(c) for c in range(dataset.in_chans)]
-    stats = {"channels": names, **stats, "dtypes": sorted(dataset.dtypes)}
+    stats = {"channels": dataset.channel_names, **stats, "dtypes": sorted(dataset.dtypes)}
     out = Path(out) if out else stats_folder(Path(data_path)) / STATS_FILENAME
     out.write_text(json.dumps(stats, indent=2) + "\n")
     return stats
@@ -314,6 +350,7 @@ def _stats_command(args):
         allow_mixed_sizes=args.allow_mixed_sizes,
         channel_axis=args.channel_axis,
         nan_fill=args.nan_fill,
+        channel_names=args.channel_names,
         metadata_columns=args.metadata_columns,
     )
     print(f"{len(result['channels'])} channels, {result['num_samples']} samples")
