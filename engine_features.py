@@ -13,7 +13,7 @@ channel-robustness protocol, which re-encodes the data with channels left out:
 import torch
 import torch.nn.functional as F
 
-from models_checkpoint import model_from_checkpoint, num_known_channels
+from models_checkpoint import model_from_checkpoint
 from util.checkpoint import read_checkpoint
 from util.data.evaluation import eval_dataset, inherit_data_args
 from util.features import encode, is_channel_model
@@ -96,7 +96,8 @@ def load_encoder_and_data(args, splits=("train", "val")):
 
 
 def vocabulary_size(model, dataset) -> int:
-    """Slots of a bag-of-channels embedding: the model's channel embeddings, else the channels in the files."""
+    """Slots of a bag-of-channels embedding: the model's embedding rows (a channel model's ids are rows, mapped by
+    name), else the channels in the files (a whole-patch model's ids are file positions)."""
     if is_channel_model(model):
-        return max(model.channel_embed.shape[0], num_known_channels(dataset))
-    return num_known_channels(dataset)
+        return model.channel_embed.shape[0]
+    return max(dataset.num_channels, max(dataset.channel_ids) + 1)

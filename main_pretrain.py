@@ -181,18 +181,20 @@ def main(args):
     if args.channels is not None and len(datasets) == 1 and not is_positional(datasets[0].channel_names):
         args.channels = ",".join(datasets[0].read_names)  # by name, for the tools that read the checkpoint
     channel_ids = torch.as_tensor(datasets[0].embed_ids, dtype=torch.long, device=device)
-    items = training_items(dataset_train, args) if len(datasets) == 1 else dataset_train
+    source = dataset_train
+    items = training_items(source, args) if len(datasets) == 1 else source
     if args.bag_of_channels:
-        dataset_train = items = SingleChannelDataset(dataset_train, items)
+        dataset_train = items = SingleChannelDataset(source, items)
         channel_ids = torch.as_tensor(dataset_train.channel_ids, dtype=torch.long, device=device)
     data_loader_train = build_train_loader(items, args)
     if len(datasets) > 1:  # the same on every process (util.loaders.SourceBatchSampler)
         print(f"[rank {get_rank()}] {len(data_loader_train)} batches per epoch", force=True)
+    sample_set = dataset_train if args.bag_of_channels else datasets[0]  # what a sample holds (BoC: one channel)
     vis_batch = None
     if args.vis_every > 0 and is_main_process():
-        vis_batch = vis.fixed_batch(datasets[0], args.vis_n, args.seed).to(device)
+        vis_batch = vis.fixed_batch(sample_set, args.vis_n, args.seed).to(device)
 
-    model = build_pretrain_model(args, datasets[0].in_chans, len(vocabulary))
+    model = build_pretrain_model(args, sample_set.in_chans, len(vocabulary))
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
@@ -219,7 +221,7 @@ def main(args):
         """Every --vis_every epochs and at the last: the bare module on rank 0 only (no collective), and the
         training RNG stream is left as it was."""
         if vis_batch is not None and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
-            names = vis.channel_labels(datasets[0])
+            names = vis.channel_labels(sample_set)
             vis.log_reconstructions(model_without_ddp, vis_batch, channel_ids, args, epoch, state.log_writer, names)
 
     fit(state, data_loader_train, train_one_epoch, dataset=source, after_save=visualise)

@@ -89,7 +89,8 @@ def random_init(args, name, seed, out):
     dataset = build_pretrain_dataset(flags)
     flags.normalization = normalization_record(dataset)
     torch.manual_seed(seed)
-    model = build_pretrain_model(flags, SingleChannelDataset(dataset) if flags.bag_of_channels else dataset)
+    source = SingleChannelDataset(dataset) if flags.bag_of_channels else dataset
+    model = build_pretrain_model(flags, source.in_chans, source.num_channels)
     state = {"model": model.state_dict(), "args": args_to_dict(flags), "epoch": 0}
     for tag in ("0", "last"):
         torch.save(state, out / f"checkpoint-{tag}.pth")
