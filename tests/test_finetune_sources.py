@@ -55,3 +55,10 @@ def test_vit_refuses_sources_with_different_channels(roots, ihc_classes, tmp_pat
     data = ["--data_path", ihc_classes, roots / "orig", "--model", "vit_tiny_patch16"]
     code, _ = run_script("main_finetune.py", *data, *FINETUNE, "--epochs", "1", "--output_dir", tmp_path)
     assert code.startswith("ERROR: vit_tiny_patch16 takes one fixed channel set") and "channelvit_tiny" in code
+
+
+def test_linear_probe_on_two_sources(roots, ihc_classes, tmp_path):  # noqa: F811
+    data = ["--data_path", ihc_classes, roots / "orig"]
+    ok(run_script("main_linprobe.py", *data, *FINETUNE, "--epochs", "1", "--output_dir", tmp_path))
+    last = read_log(tmp_path)[-1]
+    assert {"test_acc1_ihc_classes0", "test_acc1_orig", "train_loss_orig"} <= set(last) and last["test_n"] == 24
