@@ -99,10 +99,10 @@ def check_channel_sets(args, datasets, sources):
         )
 
 
-def channel_vocabulary(args, train, val, vocabulary=None, resumed=False) -> list[str]:
+def channel_vocabulary(args, train, val, vocabulary=None, resumed=False, given=None) -> list[str]:
     """The channel names of the classifier's embedding rows, set as each dataset's ``embed_ids``: the checkpoint's
-    ``vocabulary`` (grown by ``--new_channels`` when fine-tuning from it), else the union of the train datasets'
-    channel names.
+    ``vocabulary`` (grown by ``--new_channels`` when fine-tuning from it), else ``given`` (a data-mix file's) or the
+    union of the train datasets' channel names.
 
     A ViT takes its planes in one fixed order: with a checkpoint that names its channels, the data must read them in
     that order (``check_fixed_order``); positional checkpoints (published MAE files) take the planes as they come.
@@ -114,7 +114,7 @@ def channel_vocabulary(args, train, val, vocabulary=None, resumed=False) -> list
         check_fixed_order(train[0], vocabulary, args.model, source)
         return train[0].read_names
     if vocabulary is None:
-        return assign_vocabulary(train + val, union_vocabulary(train), by_position=False)
+        return assign_vocabulary(train + val, union_vocabulary(train, given), by_position=False)
     new_channels = [] if resumed else parse_new_channels(args.new_channels)
     return assign_vocabulary(train + val, vocabulary, new_channels, source)
 
@@ -142,7 +142,7 @@ def build_data(args, device, checkpoint_stats: dict | None = None, vocabulary=No
     """
     train, val, sources, given = build_labelled_sources(args, checkpoint_stats)
     check_channel_sets(args, train, sources)
-    names = channel_vocabulary(args, train, val, vocabulary if vocabulary is not None else given, resumed)
+    names = channel_vocabulary(args, train, val, vocabulary, resumed, given)
     if len(train) == 1:
         dataset_train = train[0]
         print(describe_dataset("train", dataset_train))
