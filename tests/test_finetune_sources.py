@@ -4,10 +4,14 @@ channels differ."""
 
 import json
 import shutil
+import signal
 
 import pytest
+import torch
 from conftest import read_log
 from test_channels import IHC, TINY, ok, roots, run_script  # noqa: F401 (roots: the module fixture)
+
+import util.preemption
 
 FINETUNE = [*TINY[:-4], "--model_kwargs", "num_heads=2", "--warmup_epochs", "0", "--print_freq", "1"]
 
@@ -62,3 +66,26 @@ def test_linear_probe_on_two_sources(roots, ihc_classes, tmp_path):  # noqa: F81
     ok(run_script("main_linprobe.py", *data, *FINETUNE, "--epochs", "1", "--output_dir", tmp_path))
     last = read_log(tmp_path)[-1]
     assert {"test_acc1_ihc_classes0", "test_acc1_orig", "train_loss_orig"} <= set(last) and last["test_n"] == 24
+
+
+def test_two_source_finetune_resumes_mid_epoch_exactly(roots, ihc_classes, tmp_path, monkeypatch):  # noqa: F811
+    """A two-source fine-tune stopped mid-epoch and resumed ends with the weights and log of an uninterrupted run."""
+    data = ["--data_path", ihc_classes, roots / "orig", *FINETUNE, "--epochs", "2", "--save_every", "1"]
+    ok(run_script("main_finetune.py", *data, "--output_dir", tmp_path / "full"))
+    calls, real = {"n": 0}, util.preemption.stop_requested
+
+    def stop_at_step_3_of_epoch_1():
+        calls["n"] += 1
+        return signal.SIGTERM if calls["n"] == 5 + 3 else real()  # the 5 step polls of epoch 0, then 3
+
+    monkeypatch.setattr(util.preemption, "stop_requested", stop_at_step_3_of_epoch_1)
+    code, _ = run_script("main_finetune.py", *data, "--output_dir", tmp_path / "stop")
+    assert code == 128 + signal.SIGTERM
+    stopped = torch.load(tmp_path / "stop" / "checkpoint-last.pth", map_location="cpu", weights_only=True)
+    assert stopped["epoch"] == 1 and stopped[util.preemption.PROGRESS_KEY]["step"] == 3
+    monkeypatch.setattr(util.preemption, "stop_requested", real)
+    ok(run_script("main_finetune.py", *data, "--output_dir", tmp_path / "stop", "--auto_resume"))
+    assert read_log(tmp_path / "stop") == read_log(tmp_path / "full")
+    full = torch.load(tmp_path / "full" / "checkpoint-last.pth", map_location="cpu", weights_only=True)
+    resumed = torch.load(tmp_path / "stop" / "checkpoint-last.pth", map_location="cpu", weights_only=True)
+    assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
