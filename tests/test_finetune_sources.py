@@ -1,6 +1,6 @@
 """Several labelled sources for ChannelViT fine-tuning and evaluation (issue 14): the union of the sources' classes
-and channel names, one source per training batch, per-source val accuracy, exact mid-epoch resume, and a vit_* model refusing sources whose
-channels differ."""
+and channel names, one source per training batch, per-source val accuracy, exact mid-epoch resume, and a vit_*
+model refusing sources whose channels differ."""
 
 import json
 import shutil
