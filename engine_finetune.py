@@ -7,8 +7,8 @@ import torch
 
 from util.amp import autocast
 from util.cli import describe_dataset
-from util.data.builders import build_dataset
 from util.data.device_augment import training_items
+from util.data.sources import MixedDataset, build_labelled_sources, names_record
 from util.data.stats import normalization_record
 from util.data.vocabulary import (
     assign_vocabulary,
@@ -89,9 +89,20 @@ def log_eval(test_stats: dict):
     print(f"Accuracy of the network on the {test_stats['n']} test images: {test_stats['acc1']:.2f}%")
 
 
-def channel_vocabulary(args, datasets, vocabulary=None, resumed=False) -> list[str]:
+def check_channel_sets(args, datasets, sources):
+    """A vit_* model takes one fixed channel set: sources whose channels differ need a channelvit_* model."""
+    if args.model.startswith("vit_") and len({tuple(d.read_names) for d in datasets}) > 1:
+        listed = "; ".join(f"{s.name}: {','.join(d.read_names)}" for s, d in zip(sources, datasets))
+        raise RunError(
+            f"{args.model} takes one fixed channel set, but the sources' channels differ ({listed}); use a "
+            f"channelvit_* model (e.g. {args.model.replace('vit_', 'channelvit_', 1)})"
+        )
+
+
+def channel_vocabulary(args, train, val, vocabulary=None, resumed=False, given=None) -> list[str]:
     """The channel names of the classifier's embedding rows, set as each dataset's ``embed_ids``: the checkpoint's
-    ``vocabulary`` (grown by ``--new_channels`` when fine-tuning from it), else the data's channel names.
+    ``vocabulary`` (grown by ``--new_channels`` when fine-tuning from it), else ``given`` (a data-mix file's) or the
+    union of the train datasets' channel names.
 
     A ViT takes its planes in one fixed order: with a checkpoint that names its channels, the data must read them in
     that order (``check_fixed_order``); positional checkpoints (published MAE files) take the planes as they come.
@@ -100,30 +111,16 @@ def channel_vocabulary(args, datasets, vocabulary=None, resumed=False) -> list[s
     if args.model.startswith("vit_"):
         if args.new_channels:
             raise RunError(f"--new_channels needs a channelvit_* model; {args.model} has no channel embedding")
-        check_fixed_order(datasets[0], vocabulary, args.model, source)
-        return datasets[0].read_names
+        check_fixed_order(train[0], vocabulary, args.model, source)
+        return train[0].read_names
     if vocabulary is None:
-        return assign_vocabulary(datasets, union_vocabulary(datasets[:1]), by_position=False)
+        return assign_vocabulary(train + val, union_vocabulary(train, given), by_position=False)
     new_channels = [] if resumed else parse_new_channels(args.new_channels)
-    return assign_vocabulary(datasets, vocabulary, new_channels, source)
+    return assign_vocabulary(train + val, vocabulary, new_channels, source)
 
 
-def build_data(args, device, checkpoint_stats: dict | None = None, vocabulary=None, resumed: bool = False):
-    """(train dataset, train loader (None under --eval), val loader, channel ids (C,): the embedding rows of the
-    channels read); sets ``args.nb_classes`` when not given (``RunError`` when it is given and below the number of
-    classes), ``args.normalization`` and ``args.vocabulary`` (saved with the checkpoints). checkpoint_stats: the
-    checkpoint's recorded normalisation; vocabulary, resumed: its channel names and whether it is resumed
-    (``channel_vocabulary``)."""
-    dataset_train = build_dataset(True, args, checkpoint_stats)
-    dataset_val = build_dataset(False, args, checkpoint_stats)
-    names = channel_vocabulary(args, [dataset_train, dataset_val], vocabulary, resumed)
-    print(describe_dataset("train", dataset_train))
-    print(describe_dataset("val", dataset_val))
-    print(f"Channel vocabulary ({len(names)} embedding rows): {','.join(names)}")
-    args.normalization = normalization_record(dataset_train)
-    args.vocabulary = vocabulary_record(names, [dataset_train])
-    if args.channels is not None and not is_positional(dataset_train.channel_names):
-        args.channels = ",".join(dataset_train.read_names)  # by name, for a later --resume / --eval
+def set_nb_classes(args, dataset_train):
+    """``args.nb_classes`` from the data when not given; ``RunError`` when it is below the number of classes."""
     if args.nb_classes is None:
         args.nb_classes = dataset_train.nb_classes
     elif args.nb_classes < dataset_train.nb_classes:
@@ -132,10 +129,66 @@ def build_data(args, device, checkpoint_stats: dict | None = None, vocabulary=No
             f"{args.data_path}: their labels would index no output; leave --nb_classes out to take "
             f"{dataset_train.nb_classes}"
         )
-    channel_ids = torch.as_tensor(dataset_train.embed_ids, dtype=torch.long, device=device)
-    loader_train = None if args.eval else build_train_loader(training_items(dataset_train, args), args)
-    loader_val = build_eval_loader(dataset_val, args)
-    return dataset_train, loader_train, loader_val, channel_ids
+
+
+def build_data(args, device, checkpoint_stats: dict | None = None, vocabulary=None, resumed: bool = False):
+    """(train dataset, train loader (None under --eval), val loaders {source name: (loader, channel ids (C_s,))},
+    channel ids (C,): the embedding rows of the first source's channels).
+
+    Several ``--data_path`` roots train on a ``MixedDataset`` (one source per batch, ``SourceBatchSampler``) with
+    labels indexing the sorted union of their class names. Sets ``args.nb_classes`` when not given,
+    ``args.normalization`` and ``args.vocabulary`` (saved with the checkpoints). checkpoint_stats: the
+    checkpoint's recorded normalisation; vocabulary, resumed: its channel names and whether it is resumed.
+    """
+    train, val, sources, given = build_labelled_sources(args, checkpoint_stats)
+    check_channel_sets(args, train, sources)
+    names = channel_vocabulary(args, train, val, vocabulary, resumed, given)
+    if len(train) == 1:
+        dataset_train = train[0]
+        print(describe_dataset("train", dataset_train))
+        print(describe_dataset("val", val[0]))
+        args.normalization = normalization_record(dataset_train)
+    else:
+        dataset_train = MixedDataset(train, [s.name for s in sources], [s.weight for s in sources])
+        print(f"train: {len(sources)} sources, {len(dataset_train)} samples, {dataset_train.nb_classes} classes")
+        print(dataset_train.describe())
+        print(f"val: {', '.join(f'{s.name} {len(d)}' for s, d in zip(sources, val))} samples")
+        args.normalization = {
+            **names_record(train),
+            "sources": {s.name: normalization_record(d) for s, d in zip(sources, train)},
+        }
+    print(f"Channel vocabulary ({len(names)} embedding rows): {','.join(names)}")
+    args.vocabulary = vocabulary_record(names, train)
+    if args.channels is not None and len(train) == 1 and not is_positional(train[0].channel_names):
+        args.channels = ",".join(train[0].read_names)  # by name, for a later --resume / --eval
+    set_nb_classes(args, dataset_train)
+    channel_ids = torch.as_tensor(train[0].embed_ids, dtype=torch.long, device=device)
+    items = training_items(dataset_train, args) if len(train) == 1 else dataset_train
+    loader_train = None if args.eval else build_train_loader(items, args)
+    loaders_val = {
+        s.name: (build_eval_loader(d, args), torch.as_tensor(d.embed_ids, dtype=torch.long, device=device))
+        for s, d in zip(sources, val)
+    }
+    return dataset_train, loader_train, loaders_val, channel_ids
+
+
+def evaluate_sources(loaders: dict, model, device, args) -> dict:
+    """``evaluate`` over every source's val split; with several sources, the overall stats (every sample counts
+    once) plus ``acc1_<source>`` and ``loss_<source>``."""
+    per_source = {name: evaluate(loader, model, device, args, ids) for name, (loader, ids) in loaders.items()}
+    if len(per_source) == 1:
+        return next(iter(per_source.values()))
+    n = sum(s["n"] for s in per_source.values())
+    stats = {
+        k: sum(s[k] * s["n"] for s in per_source.values()) / n
+        for k in ("acc1", "acc5", "loss")
+        if all(k in s for s in per_source.values())
+    }
+    stats["n"] = n
+    for name, s in per_source.items():
+        stats[f"acc1_{name}"] = s["acc1"]
+        stats[f"loss_{name}"] = s["loss"]
+    return stats
 
 
 def fit(state: TrainState, data, criterion: torch.nn.Module, mixup_fn=None) -> dict:
@@ -145,10 +198,10 @@ def fit(state: TrainState, data, criterion: torch.nn.Module, mixup_fn=None) -> d
     ``data`` is ``build_data``'s result. Returns the last test stats.
     """
     args = state.args
-    dataset_train, data_loader_train, data_loader_val, _ = data
+    dataset_train, data_loader_train, loaders_val, _ = data
 
     def evaluate_val() -> dict:
-        test_stats = evaluate(data_loader_val, state.eval_model, state.device, args, state.channel_ids)
+        test_stats = evaluate_sources(loaders_val, state.eval_model, state.device, args)
         log_eval(test_stats)
         return test_stats
 

@@ -99,8 +99,8 @@ def add_data_args(parser: argparse.ArgumentParser):
         nargs="+",
         action=PathsAction,
         metavar="PATH",
-        help="dataset root (class folders) or a CSV index; pretraining also takes several (roots or CSVs) or a "
-        "data-mix .json, one source each (util.data.sources)",
+        help="dataset root (class folders) or a CSV index; pretraining, fine-tuning and the linear probe also take "
+        "several (roots or CSVs) or a data-mix .json, one source each (util.data.sources)",
     )
     g.add_argument("--input_size", default=224, type=int, help="image size (square)")
     g.add_argument("--in_chans", default=None, type=int, help="number of input channels (default: from the data)")

@@ -62,13 +62,13 @@ def _build(
     return dataset
 
 
-def build_dataset(is_train, args, checkpoint_stats=None):
+def build_dataset(is_train, args, checkpoint_stats=None, classes=None):
     """Labelled dataset of --data_path/{train,val} (class folders or {train,val}.csv) for fine-tuning and eval;
     args: an argparse namespace or a ``DataConfig``; checkpoint_stats: the ``normalization_record`` of the
-    checkpoint the run starts from, if any."""
+    checkpoint the run starts from, if any; classes: the class names labels index (default: the train split's)."""
     config = DataConfig.from_args(args)
     root = resolve_data_path(config)
-    train_samples, classes, names, metadata = labelled_split(root, "train", None, config.metadata_columns)
+    train_samples, classes, names, metadata = labelled_split(root, "train", classes, config.metadata_columns)
     if not is_train:
         samples, _, _, metadata = labelled_split(root, "val", classes, config.metadata_columns)
     return _build(

@@ -180,7 +180,8 @@ def resolve_data_path(config: DataConfig) -> Path:
         raise DatasetError("--data_path is required")
     if isinstance(value, list | tuple):
         raise DatasetError(
-            f"--data_path {' '.join(map(str, value))}: several sources are for pretraining (main_pretrain.py); "
+            f"--data_path {' '.join(map(str, value))}: several sources are for main_pretrain.py, "
+            "main_finetune.py and main_linprobe.py; "
             "pass one here"
         )
     path = Path(value)

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from util.data.builders import build_pretrain_dataset
+from util.data.builders import build_dataset, build_pretrain_dataset
 from util.data.channels import split_names
 from util.data.config import DataConfig
 from util.data.errors import DatasetError, MissingPathError
+from util.data.layouts import labelled_split, resolve_data_path
 
 
 @dataclass(frozen=True)
@@ -130,18 +131,52 @@ def sources_channels(config: DataConfig, names_of) -> dict | None:
     return picked
 
 
+def _source_datasets(config: DataConfig, sources: list[Source], build) -> list:
+    """One dataset per source, ``build(config)`` each; several sources read the ``--channels`` names they hold."""
+    if len(sources) == 1:
+        return [build(source_config(config, sources[0], None))]
+    whole = replace(config, channels=None)
+    datasets = [build(source_config(whole, s, None)) for s in sources]
+    picked = sources_channels(config, {s.name: d.channel_names for s, d in zip(sources, datasets)})
+    if picked is not None:
+        datasets = [build(source_config(whole, s, picked[s.name])) for s in sources]
+    return datasets
+
+
 def build_pretrain_sources(args) -> tuple[list, list[Source], list | None]:
     """(one pretraining dataset per source, the sources, the data-mix file's vocabulary or None) of ``--data_path``."""
     config = DataConfig.from_args(args)
     sources, vocabulary = data_sources(config.data_path)
-    if len(sources) == 1:
-        return [build_pretrain_dataset(source_config(config, sources[0], None))], sources, vocabulary
-    whole = replace(config, channels=None)
-    datasets = [build_pretrain_dataset(source_config(whole, s, None)) for s in sources]
-    picked = sources_channels(config, {s.name: d.channel_names for s, d in zip(sources, datasets)})
-    if picked is not None:
-        datasets = [build_pretrain_dataset(source_config(whole, s, picked[s.name])) for s in sources]
-    return datasets, sources, vocabulary
+    return _source_datasets(config, sources, build_pretrain_dataset), sources, vocabulary
+
+
+def union_classes(config: DataConfig, sources: list[Source]) -> list[str]:
+    """The sorted union of the class names of the sources' train splits: a class is identified by its name."""
+    names = set()
+    for source in sources:
+        root = resolve_data_path(source_config(config, source, None))
+        names.update(labelled_split(root, "train", None, config.metadata_columns)[1])
+    return sorted(names)
+
+
+def build_labelled_sources(args, checkpoint_stats=None) -> tuple[list, list, list[Source], list | None]:
+    """(train datasets, val datasets, sources, the data-mix file's vocabulary or None) of a labelled
+    ``--data_path`` of one or several roots; with several, labels index the union of their classes.
+    checkpoint_stats: the checkpoint's normalisation; a multi-source run's records each source's under ``sources``
+    (``build_data``), which that source takes again on ``--resume`` / ``--eval``."""
+    config = DataConfig.from_args(args)
+    sources, vocabulary = data_sources(config.data_path)
+    classes = union_classes(config, sources) if len(sources) > 1 else None
+
+    per_source = (checkpoint_stats or {}).get("sources") or {}
+    stats = {s.path: per_source.get(s.name, checkpoint_stats) for s in sources}
+
+    def split(is_train):
+        return lambda c: build_dataset(is_train, c, stats[c.data_path], classes)
+
+    train = _source_datasets(config, sources, split(True))
+    val = _source_datasets(config, sources, split(False))
+    return train, val, sources, vocabulary
 
 
 def names_record(datasets) -> dict:
@@ -172,6 +207,16 @@ class MixedDataset(torch.utils.data.Dataset):
         for dataset in self.sources:
             self.offsets.append(self.offsets[-1] + len(dataset))
         self._embed = [torch.as_tensor(d.embed_ids, dtype=torch.long) for d in self.sources]
+
+    @property
+    def nb_classes(self) -> int:
+        """The classes of a labelled run (every source indexes the same union, ``build_labelled_sources``)."""
+        return self.sources[0].nb_classes
+
+    @property
+    def in_chans(self) -> int:
+        """The first source's channel count (the classifier's default plane count; each batch brings its ids)."""
+        return self.sources[0].in_chans
 
     @property
     def sizes(self) -> list[int]:
