@@ -316,7 +316,6 @@ def test_mae_refuses_sources_with_different_channels(roots, cli, tmp_path):
     assert code.startswith("ERROR: mae_vit_tiny_patch16 takes one fixed channel set") and "chamae_vit_tiny" in code
 
 
-@pytest.mark.slow
 def test_two_sources_under_torchrun(roots, tmp_path):
     """2 processes (gloo), sources of 6 and 4 channels, HCS and the cross decoder: no hang, the same number of
     batches on both ranks, a loss per source."""
