@@ -316,6 +316,12 @@ def test_mae_refuses_sources_with_different_channels(roots, cli, tmp_path):
     assert code.startswith("ERROR: mae_vit_tiny_patch16 takes one fixed channel set") and "chamae_vit_tiny" in code
 
 
+def test_bag_of_channels_refuses_several_sources(roots, cli, tmp_path):
+    flags = (*mixed_flags(roots, tmp_path), "--model", "mae_vit_tiny_patch16", "--bag_of_channels")
+    code, _ = cli("main_pretrain.py", *flags)
+    assert code == "ERROR: --bag_of_channels draws channels from one source; --data_path gives 2"
+
+
 def test_two_sources_under_torchrun(roots, tmp_path):
     """2 processes (gloo), sources of 6 and 4 channels, HCS and the cross decoder: no hang, the same number of
     batches on both ranks, a loss per source."""
